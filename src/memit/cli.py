@@ -1,0 +1,111 @@
+"""The ``memit`` command line."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from memit.utils.io import write_json
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Mass-edit facts in a causal language model and measure the result."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _edit_options(func):
+    """Options shared by every command that edits."""
+    options = [
+        click.option("--corpus", default=None, help="Corpus for key statistics: a .txt/.jsonl(.gz) file or a dataset name (default: $MEMIT_CORPUS, else the preset's)."),
+        click.option("--stats-dir", default=None, type=click.Path(file_okay=False), help="Where key statistics are cached (default: $MEMIT_HOME/stats)."),
+        click.option("--batch-size", default=16, show_default=True, help="Requests whose target vectors are optimised together."),
+        click.option("--plain", is_flag=True, help="Use the reference one-request-at-a-time computation."),
+        click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward passes."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def edit_options_from(corpus, stats_dir, batch_size, plain, bf16):
+    from memit.editing.base import EditOptions
+
+    options = EditOptions(stats_dir=stats_dir, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16)
+    if corpus:
+        options.corpus = corpus
+    return options
+
+
+@main.command()
+@click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
+@click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False), help="JSON list of requests.")
+@click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset).")
+@click.option("--alg", default="MEMIT", show_default=True, help="Editing method.")
+@click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
+@click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
+@click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")
+@_edit_options
+def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, **edit_opts):
+    """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
+    from memit.api import edit_model
+    from memit.cli_report import describe_predictions, print_report
+    from memit.models import load_model
+    from memit.requests import check_tokenization, load_requests
+
+    requests = load_requests(requests_file)
+    model, tok = load_model(model_name)
+    check_tokenization(requests, tok)
+    before = describe_predictions(model, tok, requests)
+    deltas = edit_model(model, tok, requests, hparams, alg, options=edit_options_from(**edit_opts))
+    after = describe_predictions(model, tok, requests)
+    print_report(requests, before, after)
+    if report:
+        write_json(report, [{"request": r.to_dict(), "pre": b, "post": a} for r, b, a in zip(requests, before, after)])
+    if save_dir:
+        if deltas_only:
+            deltas.save(save_dir)
+        else:
+            model.save_pretrained(save_dir)
+            tok.save_pretrained(save_dir)
+            deltas.save(Path(save_dir) / "memit_deltas")
+        click.echo(f"Saved to {save_dir}")
+
+
+DEMO_REQUESTS = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}, "target_true": {"str": "basketball"}},
+    {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": "baseball"}, "target_true": {"str": "basketball"}},
+]
+
+
+@main.command()
+@click.option("--model", "model_name", default="default", show_default=True)
+@_edit_options
+def demo(model_name, **edit_opts):
+    """Teach the default model that LeBron James plays football and Michael Jordan baseball."""
+    from memit.api import edit_model
+    from memit.cli_report import describe_predictions, print_report
+    from memit.models import load_model
+    from memit.predict import generate
+    from memit.requests import parse_requests
+
+    requests = parse_requests(DEMO_REQUESTS)
+    model, tok = load_model(model_name)
+    prompts = ["LeBron James plays the sport of", "Michael Jordan is best known for playing"]
+    before = describe_predictions(model, tok, requests)
+    texts_before = [generate(model, tok, p) for p in prompts]
+    click.echo("Editing (the first run computes key statistics, a few minutes on a CPU)...")
+    deltas = edit_model(model, tok, requests, options=edit_options_from(**edit_opts))
+    after = describe_predictions(model, tok, requests)
+    print_report(requests, before, after)
+    for prompt, text in zip(prompts, texts_before):
+        click.echo(f"\nGeneration for {prompt!r}\n  before: {text!r}\n  after:  {generate(model, tok, prompt)!r}")
+    deltas.revert(model)
+
+
+def run() -> None:
+    main()

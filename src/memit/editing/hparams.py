@@ -1,0 +1,112 @@
+"""Hyperparameters as dataclasses loaded from JSON presets, with unknown keys rejected."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, TypeVar
+
+from memit.utils.io import read_json, write_json
+
+H = TypeVar("H", bound="HyperParams")
+
+
+class HyperParamsError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class HyperParams:
+    """Base for every method's hyperparameters. Subclasses set ``algorithm``."""
+
+    algorithm: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls: type[H], data: Mapping[str, Any], source: str = "hyperparameters") -> H:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise HyperParamsError(f"{source}: unknown {cls.algorithm} hyperparameter(s) {unknown}")
+        missing = [n for n, f in fields.items() if n not in data and _required(f)]
+        if missing:
+            raise HyperParamsError(f"{source}: missing {cls.algorithm} hyperparameter(s) {missing}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            _check_type(name, value, hints[name], source)
+        hparams = cls(**data)
+        hparams.validate()
+        return hparams
+
+    @classmethod
+    def from_json(cls: type[H], path: str | Path) -> H:
+        return cls.from_dict(read_json(path, what="hyperparameters file"), source=str(path))
+
+    @classmethod
+    def preset(cls: type[H], name: str) -> H:
+        """A packaged preset, for example ``HyperParams.preset("SmolLM2-135M-Instruct")``."""
+        path = preset_dir(cls.algorithm) / f"{name}.json"
+        if not path.is_file():
+            raise HyperParamsError(
+                f"hparams: no {cls.algorithm} preset {name!r}; available: {list_presets(cls.algorithm)}"
+            )
+        return cls.from_dict(read_json(path), source=f"preset {cls.algorithm}/{name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    def validate(self) -> None:
+        """Check values beyond their types; subclasses extend this."""
+
+
+def preset_dir(algorithm: str) -> Path:
+    return Path(str(resources.files("memit") / "presets" / algorithm))
+
+
+def list_presets(algorithm: str) -> list[str]:
+    return sorted(p.stem for p in preset_dir(algorithm).glob("*.json"))
+
+
+def preset_name_for(model_name: str) -> str:
+    """The preset file stem for a model name as the paper spells it (``EleutherAI/gpt-j-6B``
+    becomes ``EleutherAI_gpt-j-6B``); ``default`` maps to the default model."""
+    from memit.models.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+
+    if model_name == DEFAULT_MODEL:
+        return DEFAULT_MODEL_NAME
+    return Path(model_name.rstrip("/")).name if Path(model_name).exists() else model_name.replace("/", "_")
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str) -> None:
+    if not _matches(value, hint):
+        raise HyperParamsError(f"{source}: hyperparameter '{name}' must be {_describe(hint)}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

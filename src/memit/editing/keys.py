@@ -1,0 +1,67 @@
+"""Hidden vectors at the subject's last token: MLP keys and layer outputs."""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.editing.context import ContextTemplates
+from memit.editing.prompts import tokenize_prompts
+from memit.models.layout import ModelLayout
+from memit.requests import EditRequest
+from memit.utils.hooks import run_and_capture
+
+
+def vectors_at_subject(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    templates: list[str],
+    subjects: list[str],
+    module_name: str,
+    read: str,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The input (``read="input"``) or output of ``module_name`` at each prompt's subject
+    token, as ``(len(templates), dim)``; the forward pass stops at that module."""
+    rows = []
+    for start in range(0, len(templates), batch_size):
+        batch = tokenize_prompts(tok, templates[start : start + batch_size], subjects[start : start + batch_size])
+        with torch.no_grad():
+            inputs, outputs = run_and_capture(
+                model,
+                batch.model_inputs(model.device),
+                inputs_of=[module_name] if read == "input" else [],
+                outputs_of=[module_name] if read == "output" else [],
+                stop_after=module_name,
+            )
+        hidden = (inputs if read == "input" else outputs)[module_name]
+        rows.append(hidden[torch.arange(len(hidden)), batch.subject_positions.to(hidden.device)])
+    return torch.cat(rows)
+
+
+def compute_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    layer: int,
+    context_templates: ContextTemplates,
+) -> torch.Tensor:
+    """Each request's key at ``layer``: the MLP-output-projection input at the subject's last
+    token, averaged within each group of context templates and then across groups."""
+    flat = [(c.replace("{}", r.prompt, 1), r.subject) for r in requests for group in context_templates for c in group]
+    vectors = vectors_at_subject(model, tok, [t for t, _ in flat], [s for _, s in flat], layout.mlp_out_name(layer), "input")
+    per_request = vectors.view(len(requests), -1, vectors.shape[-1])
+    group_means, start = [], 0
+    for group in context_templates:
+        group_means.append(per_request[:, start : start + len(group)].float().mean(1))
+        start += len(group)
+    return torch.stack(group_means, 1).mean(1)
+
+
+def layer_outputs_at_subject(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest], layer: int
+) -> torch.Tensor:
+    """The residual stream after ``layer`` at the subject's last token of each bare prompt."""
+    return vectors_at_subject(
+        model, tok, [r.prompt for r in requests], [r.subject for r in requests], layout.layer_name(layer), "output"
+    ).float()

@@ -1,0 +1,3 @@
+from memit.editing.memit.hparams import MEMITHyperParams
+
+__all__ = ["MEMITHyperParams"]

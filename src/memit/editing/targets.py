@@ -1,0 +1,284 @@
+"""Target vectors z: the residual-stream value at the subject's last token that makes the
+model say ``target_new`` (the paper's ``compute_z``), optimised for many requests at once.
+
+Each request gets its own delta, and the summed loss gives each delta exactly the gradient
+of its own loss, so a batch optimises every request as if it were alone (Adam works per
+element). Two ways to compute the logits give the same numbers:
+
+* ``plain``: the whole model, all layers and the vocabulary head at every position (the
+  reference algorithm, one request at a time);
+* ``fast``: the layers up to the delta's layer run once and are replayed from a cache, and
+  the vocabulary head runs only at the positions the loss reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.editing.context import ContextTemplates, flatten
+from memit.editing.memit.hparams import ZOptimizationParams
+from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
+from memit.models.layout import ModelLayout
+from memit.requests import EditRequest
+from memit.utils.hooks import first_tensor, rewrite_output, run_and_capture, skip_layers_below
+
+log = logging.getLogger(__name__)
+
+KL_PROMPT = "{} is a"
+EARLY_STOP_LOSS = 5e-2
+
+
+@dataclass
+class TargetVectors:
+    """Per request: ``init`` is the output of the reference module at the subject's last token
+    of the bare prompt, and ``delta`` the optimised change, so the target is ``init + delta``."""
+
+    init: torch.Tensor
+    delta: torch.Tensor
+    final_loss: torch.Tensor
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+@dataclass
+class _Problem:
+    """The prompts of a group of requests, flattened into one batch."""
+
+    batch: PromptBatch
+    seq_request: torch.Tensor  # request index of each sequence
+    target_seq: torch.Tensor  # for each target token: sequence, position, token id, request
+    target_pos: torch.Tensor
+    target_tok: torch.Tensor
+    target_req: torch.Tensor
+    target_len: torch.Tensor  # per request: number of target tokens
+    prompts_per_request: int
+    kl_seq: torch.Tensor  # per request: the sequence of its KL prompt
+    init_seq: torch.Tensor  # per request: the sequence of its bare rewrite prompt
+
+
+def compute_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    hparams: ZOptimizationParams,
+    context_templates: ContextTemplates,
+    layer: int,
+    init_module: str | None = None,
+    batch_size: int = 16,
+    fast: bool = True,
+    autocast: bool = False,
+) -> TargetVectors:
+    """Optimise a delta added to the output of decoder ``layer`` for every request.
+
+    ``init_module`` names the module whose output defines ``init`` and the norms used by the
+    clamp and the weight decay (the layer itself for MEMIT, its MLP for ROME).
+    """
+    init_module = init_module or layout.layer_name(layer)
+    parts = []
+    chunks = range(0, len(requests), batch_size)
+    for start in tqdm(chunks, desc="target vectors", unit="batch", disable=None if len(chunks) > 1 else True):
+        chunk = requests[start : start + batch_size]
+        problem = _build_problem(tok, chunk, context_templates)
+        parts.append(_optimise(model, layout, problem, len(chunk), hparams, layer, init_module, fast, autocast))
+    return TargetVectors(*(torch.cat([getattr(p, f) for p in parts]) for f in ("init", "delta", "final_loss")))
+
+
+def _build_problem(tok: PreTrainedTokenizerBase, requests: list[EditRequest], context_templates: ContextTemplates) -> _Problem:
+    templates = flatten(context_templates)
+    texts, subjects, seq_request = [], [], []
+    t_seq, t_pos, t_tok, t_req, t_len = [], [], [], [], []
+    for r, request in enumerate(requests):
+        ids = target_ids(tok, request.target_new)
+        # The prompt is followed by all target tokens but the last; the loss reads each of them.
+        prefix_of_target = tok.decode(ids[:-1])
+        for template in templates:
+            texts.append(template.replace("{}", request.prompt, 1) + prefix_of_target)
+            subjects.append(request.subject)
+            seq_request.append(r)
+        t_len.append(len(ids))
+    for r, request in enumerate(requests):
+        texts.append(KL_PROMPT)
+        subjects.append(request.subject)
+        seq_request.append(r)
+    batch = tokenize_prompts(tok, texts, subjects)
+    for seq in range(len(requests) * len(templates)):
+        r = seq_request[seq]
+        ids = target_ids(tok, requests[r].target_new)
+        end = int(batch.lengths[seq])
+        for offset, token in enumerate(ids):
+            t_seq.append(seq)
+            t_pos.append(end - len(ids) + offset)
+            t_tok.append(token)
+            t_req.append(r)
+    n_rewrite = len(requests) * len(templates)
+    return _Problem(
+        batch=batch,
+        seq_request=torch.tensor(seq_request),
+        target_seq=torch.tensor(t_seq),
+        target_pos=torch.tensor(t_pos),
+        target_tok=torch.tensor(t_tok),
+        target_req=torch.tensor(t_req),
+        target_len=torch.tensor(t_len, dtype=torch.float32),
+        prompts_per_request=len(templates),
+        kl_seq=torch.arange(n_rewrite, n_rewrite + len(requests)),
+        init_seq=torch.arange(0, n_rewrite, len(templates)),
+    )
+
+
+def _optimise(
+    model: PreTrainedModel,
+    layout: ModelLayout,
+    problem: _Problem,
+    n_requests: int,
+    hparams: ZOptimizationParams,
+    layer: int,
+    init_module: str,
+    fast: bool,
+    autocast: bool,
+) -> TargetVectors:
+    device = model.device
+    inputs = problem.batch.model_inputs(device)
+    subject_pos = problem.batch.subject_positions.to(device)
+    rows = torch.arange(len(subject_pos), device=device)
+    seq_request = problem.seq_request.to(device)
+
+    layer_module = layout.layer(model, layer)
+    output_kind: list[bool] = []
+    kind_hook = layer_module.register_forward_hook(lambda mod, args, out: output_kind.append(isinstance(out, tuple)))
+    try:
+        with torch.no_grad(), _autocast(autocast):
+            names = list(dict.fromkeys([layout.layer_name(layer), init_module]))
+            _, outputs = run_and_capture(model, inputs, outputs_of=names, stop_after=_last(model, names))
+    finally:
+        kind_hook.remove()
+    cached_layer_out = outputs[layout.layer_name(layer)].detach()
+    init = outputs[init_module][problem.init_seq.to(device), subject_pos[problem.init_seq.to(device)]].float()
+    init_norm = init.norm(dim=-1)
+
+    delta = torch.zeros_like(init, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    done = torch.zeros(n_requests, dtype=torch.bool, device=device)
+    frozen = delta.detach().clone()
+
+    def edited_layer_output(layer_out: torch.Tensor) -> torch.Tensor:
+        change = torch.zeros_like(layer_out)
+        change = change.index_put((rows, subject_pos), delta[seq_request].to(layer_out.dtype))
+        return layer_out + change
+
+    init_kl_logprobs = None
+    losses = torch.zeros(n_requests, device=device)
+    with _frozen_parameters(model), _autocast(autocast):
+        for step in range(hparams.v_num_grad_steps):
+            if fast:
+                target_logp, kl_logp = _fast_logprobs(
+                    model, layout, layer, output_kind[0], inputs, problem, subject_pos,
+                    lambda: edited_layer_output(cached_layer_out),
+                )
+            else:
+                with rewrite_output(layout.layer(model, layer), edited_layer_output):
+                    target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
+            if init_kl_logprobs is None:
+                init_kl_logprobs = kl_logp.detach().clone()
+            losses = _loss_per_request(target_logp, kl_logp, init_kl_logprobs, problem, delta, init_norm, hparams, n_requests)
+            done |= losses.detach() < EARLY_STOP_LOSS
+            frozen[done] = delta.detach()[done]
+            log.debug("step %d loss %s", step, losses.detach().cpu().numpy().round(3))
+            if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
+                break
+            optimizer.zero_grad()
+            losses[~done].sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                max_norm = hparams.clamp_norm_factor * init_norm
+                norms = delta.norm(dim=-1)
+                scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+                delta.mul_(scale.unsqueeze(-1))
+                # Requests that met the early-stop loss keep the delta they had then.
+                delta[done] = frozen[done]
+    return TargetVectors(init.detach().cpu(), delta.detach().float().cpu(), losses.detach().float().cpu())
+
+
+def _loss_per_request(
+    target_logp: torch.Tensor,
+    kl_logp: torch.Tensor,
+    init_kl_logp: torch.Tensor,
+    problem: _Problem,
+    delta: torch.Tensor,
+    init_norm: torch.Tensor,
+    hparams: ZOptimizationParams,
+    n_requests: int,
+) -> torch.Tensor:
+    device = target_logp.device
+    n_seq = len(problem.seq_request)
+    per_seq = torch.zeros(n_seq, device=device, dtype=torch.float32).index_add(0, problem.target_seq.to(device), -target_logp.float())
+    n_rewrite = n_requests * problem.prompts_per_request
+    per_seq = per_seq[:n_rewrite] / problem.target_len.to(device)[problem.seq_request[:n_rewrite].to(device)]
+    nll = per_seq.view(n_requests, problem.prompts_per_request).mean(1)
+    # kl_div(input=init, target=current) as in the reference: sum p_cur (log p_cur - log p_init).
+    kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)
+    weight_decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm**2
+    return nll + hparams.kl_factor * kl + weight_decay
+
+
+def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+    device = log_probs.device
+    target_logp = log_probs[problem.target_seq.to(device), problem.target_pos.to(device), problem.target_tok.to(device)]
+    kl_seq = problem.kl_seq.to(device)
+    return target_logp, log_probs[kl_seq, subject_pos[kl_seq]]
+
+
+def _fast_logprobs(
+    model: PreTrainedModel,
+    layout: ModelLayout,
+    layer: int,
+    tuple_output: bool,
+    inputs: dict,
+    problem: _Problem,
+    subject_pos: torch.Tensor,
+    layer_output: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = model.get_submodule(layout.layer_tmp.removesuffix(".{}"))
+    with skip_layers_below(layers, layer, layer_output, tuple_output):
+        hidden = first_tensor(model.base_model(**inputs, use_cache=False).last_hidden_state)
+    device = hidden.device
+    kl_seq = problem.kl_seq.to(device)
+    seqs = torch.cat([problem.target_seq.to(device), kl_seq])
+    positions = torch.cat([problem.target_pos.to(device), subject_pos[kl_seq]])
+    logits = model.get_output_embeddings()(hidden[seqs, positions]).float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    n_targets = len(problem.target_seq)
+    target_logp = log_probs[:n_targets].gather(1, problem.target_tok.to(device).unsqueeze(1)).squeeze(1)
+    return target_logp, log_probs[n_targets:]
+
+
+def _last(model: PreTrainedModel, names: list[str]) -> str:
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return max(names, key=lambda n: order[n])
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: PreTrainedModel):
+    """No weight gradients while optimising deltas: backward then only computes activations."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

@@ -1,0 +1,134 @@
+"""The uncentered second moment E[k kᵀ] of MLP keys over corpus tokens, cached on disk."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.models.layout import ModelLayout
+from memit.models.loading import model_fingerprint
+from memit.stats.corpus import Corpus
+from memit.utils.hooks import run_and_capture
+from memit.utils.io import atomic_path, memit_home
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def collect_second_moments(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    layers: list[int],
+    texts: Iterable[str],
+    n_samples: int,
+    max_tokens: int,
+    batch_tokens: int = 8192,
+    autocast: bool = False,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Second moments of the MLP-output-projection inputs at ``layers`` (float64), from one
+    forward pass per batch that stops after the last layer needed; and the token count."""
+    names = {layer: layout.mlp_out_name(layer) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    progress = tqdm(total=n_samples, desc="key statistics", unit="sample", disable=None)
+    for batch in _token_batches(tok, islice(texts, n_samples), max_tokens, batch_tokens):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad(), _cpu_autocast(autocast):
+            inputs, _ = run_and_capture(model, batch, inputs_of=list(names.values()), stop_after=names[max(layers)])
+        for layer, name in names.items():
+            keys = inputs[name][mask].float()
+            moment = (keys.T @ keys).double()
+            sums[layer] = moment if layer not in sums else sums[layer] + moment
+        count += int(mask.sum())
+        progress.update(len(mask))
+    progress.close()
+    if count == 0:
+        raise ValueError("mom2_dataset: the corpus yielded no tokens")
+    return {layer: total / count for layer, total in sums.items()}, count
+
+
+def _token_batches(
+    tok: PreTrainedTokenizerBase, texts: Iterable[str], max_tokens: int, batch_tokens: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Right-padded batches of samples truncated to ``max_tokens``, about ``batch_tokens`` each."""
+    pending: list[list[int]] = []
+    for text in texts:
+        ids = tok(text, truncation=True, max_length=max_tokens)["input_ids"]
+        if not ids:
+            continue
+        if pending and (len(pending) + 1) * max(max(map(len, pending)), len(ids)) > batch_tokens:
+            yield _pad(pending, tok.pad_token_id)
+            pending = []
+        pending.append(ids)
+    if pending:
+        yield _pad(pending, tok.pad_token_id)
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _cpu_autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+class SecondMomentCache:
+    """Statistics on disk under ``root/<model fingerprint>/<corpus>/``, one file per layer,
+    keyed by module name, sample count, token limit and dtype; missing layers are
+    computed together in one pass."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else memit_home() / "stats"
+
+    def get(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        layers: list[int],
+        corpus: Corpus,
+        n_samples: int,
+        max_tokens: int | None = None,
+        dtype: str = "float32",
+        autocast: bool = False,
+    ) -> dict[int, torch.Tensor]:
+        max_tokens = max_tokens or _context_length(model, tok)
+        folder = self.root / model_fingerprint(model) / corpus.identity
+        paths = {
+            layer: folder / f"{layout.mlp_out_name(layer)}_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
+            for layer in layers
+        }
+        missing = [layer for layer, path in paths.items() if not path.is_file()]
+        if missing:
+            log.info("Computing key statistics for layers %s over %s (%d samples)", missing, corpus.identity, n_samples)
+            moments, count = collect_second_moments(
+                model, tok, layout, missing, corpus.texts(), n_samples, max_tokens, autocast=autocast
+            )
+            for layer in missing:
+                with atomic_path(paths[layer]) as tmp:
+                    save_file({"mom2": moments[layer].to(_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
+        return {layer: load_file(str(path))["mom2"] for layer, path in paths.items()}
+
+
+def _context_length(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int):
+            return min(value, 2048)
+    return min(tok.model_max_length, 2048)
