@@ -1,0 +1,45 @@
+"""Shared fixtures: the real default model, tiny random models, and the shared data folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+CORPUS = DATA_DIR / "wikipedia_en_2015_sample.jsonl.gz"
+COUNTERFACT = DATA_DIR / "counterfact_subset400.json"
+ZSRE = DATA_DIR / "zsre_mend_eval_subset700.json"
+# Fewer corpus samples than the preset keeps the suite fast; the statistics are cached for the session.
+TEST_STATS_SAMPLES = 1000
+
+# Expensive artifacts (converted model, statistics, context templates) are cached across
+# test runs in one folder; CI starts from an empty one.
+os.environ.setdefault("MEMIT_HOME", str(REPO / ".cache" / "memit"))
+os.environ.setdefault("MEMIT_CORPUS", str(CORPUS))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from memit import load_model
+
+    torch.manual_seed(0)
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_hparams():
+    from memit import MEMITHyperParams
+
+    hparams = MEMITHyperParams.preset("SmolLM2-135M-Instruct")
+    hparams.mom2_n_samples = TEST_STATS_SAMPLES
+    return hparams
+
+
+@pytest.fixture(scope="session")
+def counterfact_records():
+    import json
+
+    return json.loads(COUNTERFACT.read_text())
