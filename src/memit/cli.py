@@ -109,3 +109,11 @@ def demo(model_name, **edit_opts):
 
 def run() -> None:
     main()
+
+
+from memit.evaluation import cli as _evaluation_cli  # noqa: E402  (evaluation commands)
+
+main.add_command(_evaluation_cli.evaluate)
+main.add_command(_evaluation_cli.summarize)
+main.add_command(_evaluation_cli.scale)
+main.add_command(_evaluation_cli.download)

@@ -1,0 +1,146 @@
+"""The ``memit evaluate``, ``summarize``, ``scale`` and ``download`` commands."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from memit.evaluation.datasets import DATASETS
+
+log = logging.getLogger(__name__)
+
+
+def _edit_options(func):
+    """The editing options of ``memit edit`` (corpus, statistics folder, batching, bf16)."""
+    options = [
+        click.option("--corpus", default=None, help="Corpus for key statistics (default: $MEMIT_CORPUS, else the preset's)."),
+        click.option("--stats-dir", default=None, type=click.Path(file_okay=False), help="Where key statistics are cached."),
+        click.option("--batch-size", default=16, show_default=True, help="Requests whose target vectors are optimised together."),
+        click.option("--plain", is_flag=True, help="Use the reference one-request-at-a-time computation."),
+        click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward passes."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_options(func):
+    options = [
+        click.option("--alg", default="MEMIT", show_default=True, help="Editing method (any registered one)."),
+        click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'."),
+        click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Data set schema (detected from --data-file if omitted; default cf)."),
+        click.option("--data-file", default=None, type=click.Path(dir_okay=False, exists=True), help="Evaluate this file instead of the data set's default file."),
+        click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data)."),
+        click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset)."),
+        click.option("--skip-generation", is_flag=True, help="Skip fluency and consistency (greedy generation is slow on a CPU)."),
+        click.option("--generation-tokens", default=100, show_default=True, help="Tokens generated per generation prompt."),
+        click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False), help="Results folder; runs go to OUT/ALG/run_NNN."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options_from(corpus, stats_dir, batch_size, plain, bf16):
+    from memit.editing.base import EditOptions
+
+    options = EditOptions(stats_dir=stats_dir, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16)
+    if corpus:
+        options.corpus = corpus
+    return options
+
+
+def _dataset(dataset: str | None, data_file: str | None) -> str | None:
+    return dataset if dataset or data_file else "cf"
+
+
+@click.command()
+@_run_options
+@click.option("--num-edits", default=1, show_default=True, help="Cases edited together in one batch.")
+@click.option("--sequential-batches", default=1, show_default=True, help="Apply K batches one after another before evaluating them all.")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N cases.")
+@click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
+@_edit_options
+def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
+             num_edits, sequential_batches, limit, continue_from_run, **edit_opts):
+    """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
+    from memit.evaluation.runner import RunConfig, run_evaluation
+    from memit.evaluation.summary import format_table, summarize_run
+
+    config = RunConfig(
+        alg=alg, model=model_name, dataset=_dataset(dataset, data_file), data_file=data_file, data_dir=data_dir,
+        num_edits=num_edits, sequential_batches=sequential_batches, limit=limit, hparams=hparams,
+        skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, continue_from_run=continue_from_run,
+    )
+    start = time.perf_counter()
+    run_dir = run_evaluation(config, options=_options_from(**edit_opts))
+    click.echo(format_table(summarize_run(run_dir)))
+    click.echo(f"Results in {run_dir} (wall time {time.perf_counter() - start:.0f} s)")
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of tables.")
+def summarize(run_dirs, as_json):
+    """Mean ± std of each metric over the cases of each run, before (pre) and after (post)."""
+    from memit.evaluation.summary import format_table, summaries_json, summarize_run
+
+    summaries = [summarize_run(d) for d in run_dirs]
+    if as_json:
+        click.echo(summaries_json(summaries))
+    else:
+        click.echo("\n\n".join(format_table(s) for s in summaries))
+
+
+@click.command()
+@_run_options
+@click.option("--num-edits", default="1,10,100,1000", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
+@_edit_options
+def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
+          num_edits, min_cases, plot_path, **edit_opts):
+    """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
+    from memit.evaluation.datasets import load_cases
+    from memit.evaluation.runner import RunConfig
+    from memit.evaluation.scaling import plot_scaling, run_scaling
+    from memit.evaluation.summary import format_table
+    from memit.models import load_model
+
+    try:
+        sizes = [int(x) for x in num_edits.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {num_edits!r}", param_hint="--num-edits") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be positive", param_hint="--num-edits")
+    dataset = _dataset(dataset, data_file)
+    if dataset is None:
+        dataset = load_cases(None, data_file)[0]
+    base = RunConfig(alg=alg, model=model_name, dataset=dataset, data_file=data_file, data_dir=data_dir, hparams=hparams,
+                     skip_generation=skip_generation, generation_tokens=generation_tokens, out=out)
+    model, tok = load_model(model_name)
+    summaries = run_scaling(base, sizes, min_cases, model, tok, options=_options_from(**edit_opts))
+    for s in summaries:
+        click.echo(format_table(s) + "\n")
+    path = Path(plot_path or Path(out) / alg / f"scaling_{dataset}.png")
+    plot_scaling(summaries, path, title=f"{alg} on {model_name}, {dataset}")
+    click.echo(f"Plot written to {path}")
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data).")
+@click.option("--base-url", default=None, help="Host to download from (default: the paper's).")
+@click.option("--retries", default=3, show_default=True)
+def download(names, data_dir, base_url, retries):
+    """Download data sets (cf, mcf, zsre, known, generation, or file names), verifying sha256."""
+    from memit.evaluation import datasets
+    from memit.evaluation.download import BASE_URL, download as fetch
+
+    for path in fetch(list(names), datasets.data_dir(data_dir), base_url or BASE_URL, retries=retries):
+        click.echo(f"{path}")
+
+
+COMMANDS = (evaluate, summarize, scale, download)

@@ -1,0 +1,172 @@
+"""Download the evaluation data from the original hosts into the data folder.
+
+Each file is fetched into ``<name>.part`` beside its final name; an interrupted transfer
+is resumed with an HTTP Range request (or restarted if the server ignores it), the sha256
+is checked, and only a verified file is moved to its final name. A checksum mismatch
+deletes the partial file and raises :class:`ChecksumError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "https://memit.baulab.info/data/dsets"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+FILES: dict[str, RemoteFile] = {
+    f.name: f
+    for f in (
+        RemoteFile("counterfact.json", "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f", 45_108_470),
+        RemoteFile("multi_counterfact.json"),
+        RemoteFile("zsre_mend_eval.json"),
+        RemoteFile("known_1000.json", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a", 343_229),
+        RemoteFile("attribute_snippets.json", "10b5c1cd105e54d5983c72de1b45bfc88bc7af786f7b99def2557886ff23385b", 926_285_719),
+        RemoteFile("idf.npy", "c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda", 11_042_168),
+        RemoteFile("tfidf_vocab.json", "8a78c4f20d8d85dadfd14e283d71af255482ff18aa0eb8a81716024c05ff888b", 31_639_072),
+    )
+}
+# Names accepted by ``memit download``.
+BUNDLES: dict[str, tuple[str, ...]] = {
+    "cf": ("counterfact.json",),
+    "mcf": ("multi_counterfact.json",),
+    "zsre": ("zsre_mend_eval.json",),
+    "known": ("known_1000.json",),
+    "generation": ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json"),
+}
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded."""
+
+
+class ChecksumError(DownloadError):
+    """The downloaded bytes do not have the expected sha256."""
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def part_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".part")
+
+
+def _fetch_into(url: str, part: Path, timeout: float) -> None:
+    """Append the missing bytes of ``url`` to ``part`` (restart if Range is not honoured)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing left to fetch: the part file is complete
+            return
+        raise
+    with response:
+        resumed = have and response.status == 206
+        if have and not resumed:
+            log.info("%s: the server ignored the Range request; starting over", url)
+        total = response.headers.get("Content-Length")
+        total = int(total) + (have if resumed else 0) if total else None
+        with open(part, "ab" if resumed else "wb") as fh, tqdm(
+            total=total, initial=have if resumed else 0, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
+        ) as bar:
+            for block in iter(lambda: response.read(CHUNK), b""):
+                fh.write(block)
+                bar.update(len(block))
+        if total is not None and part.stat().st_size < total:
+            raise http.client.IncompleteRead(b"", total - part.stat().st_size)
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    sha256: str | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+) -> Path:
+    """Download ``url`` to ``dest`` (verified, atomic, resumable). Returns ``dest``.
+
+    An existing ``dest`` with the right checksum is kept. Broken transfers are retried up
+    to ``retries`` times, resuming from the partial file; a checksum mismatch after a
+    resumed transfer is retried once from scratch, otherwise raises :class:`ChecksumError`
+    and leaves no file behind.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file():
+        if sha256 is None or sha256_of(dest) == sha256:
+            log.info("%s is already there", dest)
+            return dest
+        log.warning("%s has the wrong checksum; downloading it again", dest)
+    part = part_path(dest)
+    attempt = 0
+    fresh_retry_done = False
+    while True:
+        resumed = part.exists() and part.stat().st_size > 0
+        try:
+            _fetch_into(url, part, timeout)
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as err:
+            if isinstance(err, urllib.error.HTTPError) and err.code in (403, 404, 410):
+                part.unlink(missing_ok=True)
+                raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
+            attempt += 1
+            if attempt > retries:
+                raise DownloadError(f"{url}: failed after {retries} retries ({err}); rerun to resume from {part}") from None
+            log.warning("%s: transfer broken (%s); retry %d/%d", url, err, attempt, retries)
+            time.sleep(backoff * attempt)
+            continue
+        if sha256 is not None:
+            got = sha256_of(part)
+            if got != sha256:
+                part.unlink(missing_ok=True)
+                if resumed and not fresh_retry_done:
+                    log.warning("%s: checksum mismatch after resuming; downloading from scratch", url)
+                    fresh_retry_done = True
+                    continue
+                raise ChecksumError(f"{url}: sha256 {got} does not match the expected {sha256}; nothing was saved")
+        os.replace(part, dest)
+        log.info("Saved %s", dest)
+        return dest
+
+
+def download(names: list[str], folder: str | os.PathLike, base_url: str = BASE_URL, **kwargs) -> list[Path]:
+    """Download data sets by bundle name (cf, mcf, zsre, known, generation) or file name."""
+    files: list[str] = []
+    for name in names:
+        if name in BUNDLES:
+            files.extend(BUNDLES[name])
+        elif name in FILES:
+            files.append(name)
+        else:
+            raise DownloadError(f"download: unknown data set {name!r}; choose from {', '.join([*BUNDLES, *FILES])}")
+    return [
+        download_file(f"{base_url.rstrip('/')}/{f}", Path(folder) / f, FILES[f].sha256, **kwargs)
+        for f in dict.fromkeys(files)
+    ]
+
+
+__all__ = ["BASE_URL", "BUNDLES", "ChecksumError", "DownloadError", "FILES", "download", "download_file", "sha256_of"]

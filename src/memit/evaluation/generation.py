@@ -1,0 +1,194 @@
+"""Generation metrics of CounterFact: fluency (n-gram entropy) and consistency (TF-IDF
+similarity to attribute snippets), as the paper's code computes them.
+
+- Texts are the prompt followed by its greedy continuation of ``max_new_tokens`` tokens
+  (the paper's ``generate_fast`` returns the whole decoded sequence, prompt included).
+- Fluency of one text: mean of (2/3 x bigram entropy, 4/3 x trigram entropy) in bits,
+  averaged over a case's texts. Words come from a regex close to ``nltk.word_tokenize``
+  (nltk is not a dependency).
+- Consistency: cosine between the TF-IDF vectors of all generated texts joined by spaces
+  and of all snippets about (relation, target_new) joined by spaces. With the paper's
+  ``idf.npy`` and ``tfidf_vocab.json`` in the data folder the vectorizer is the paper's;
+  otherwise it is fitted on the local corpus and labelled ``local:<corpus>``, not the paper's.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.utils.io import read_json
+
+log = logging.getLogger(__name__)
+
+SNIPPETS_FILE = "attribute_snippets.json"
+IDF_FILE = "idf.npy"
+VOCAB_FILE = "tfidf_vocab.json"
+WEIGHTS = {2: 2 / 3, 3: 4 / 3}
+_WORD = re.compile(r"\w+(?:'\w+)?|'\w+|[^\w\s]")
+
+
+def word_tokenize(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def ngram_entropy(text: str, n: int) -> float:
+    """Entropy in bits of the n-gram frequency distribution of ``text`` (0 if it has none)."""
+    words = word_tokenize(text)
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    return -sum(c / total * math.log2(c / total) for c in counts.values())
+
+
+def text_fluency(text: str) -> float:
+    """The paper's ``compute_n_gram_entropy``: mean of the weighted bi- and trigram entropies."""
+    return float(np.mean([w * ngram_entropy(text, n) for n, w in WEIGHTS.items()]))
+
+
+def fluency(texts: list[str]) -> float:
+    """The paper's ``n_gram_entropy``: arithmetic mean over texts."""
+    return float(np.mean([text_fluency(t) for t in texts]))
+
+
+def generate_greedy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 100,
+    batch_size: int = 16,
+) -> list[str]:
+    """Prompt plus greedy continuation for each prompt (batched, left-padded)."""
+    texts: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = tok(chunk, padding=True, return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                    top_p=None, top_k=None, temperature=None,
+                )
+            width = batch["input_ids"].shape[1]
+            for prompt, row in zip(chunk, out):
+                texts.append(prompt + tok.decode(row[width:], skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+    return texts
+
+
+# --- consistency ------------------------------------------------------------------------
+
+
+@dataclass
+class TfidfModel:
+    """A fitted vectorizer and where it came from (``paper`` or ``local:<corpus>``)."""
+
+    vectorizer: TfidfVectorizer
+    source: str
+
+    @property
+    def is_papers(self) -> bool:
+        return self.source == "paper"
+
+    def similarity(self, text_a: str, text_b: str) -> float:
+        """The paper's ``tfidf_similarity``: cosine of the two TF-IDF vectors."""
+        encs = self.vectorizer.transform([text_a, text_b]).toarray()
+        norms = np.linalg.norm(encs, axis=1)
+        if not norms.all():
+            return 0.0
+        return float(encs[0] @ encs[1] / norms[0] / norms[1])
+
+
+def paper_tfidf(folder: str | os.PathLike) -> TfidfModel | None:
+    """The paper's vectorizer from ``idf.npy`` and ``tfidf_vocab.json``, or None if absent."""
+    folder = Path(folder)
+    if not ((folder / IDF_FILE).is_file() and (folder / VOCAB_FILE).is_file()):
+        return None
+    idf = np.load(folder / IDF_FILE)
+    vocab = read_json(folder / VOCAB_FILE, what="tf-idf vocabulary")
+    vec = TfidfVectorizer()
+    vec.vocabulary_ = vocab
+    vec.idf_ = idf
+    return TfidfModel(vec, "paper")
+
+
+def corpus_texts(path: str | os.PathLike) -> Iterator[str]:
+    """Texts of a .txt (one per line) or .jsonl(.gz) corpus with a ``text`` field."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if ".jsonl" in path.name:
+                yield json.loads(line).get("text", "")
+            else:
+                yield line
+
+
+def local_tfidf(corpus: str | os.PathLike, n_docs: int = 2000) -> TfidfModel:
+    """A vectorizer fitted on the first ``n_docs`` documents of a local corpus (not the paper's)."""
+    log.info("Fitting TF-IDF on %d documents of %s (not the paper's idf)", n_docs, corpus)
+    vec = TfidfVectorizer()
+    vec.fit(islice(corpus_texts(corpus), n_docs))
+    return TfidfModel(vec, f"local:{Path(corpus).name}")
+
+
+def load_tfidf(folder: str | os.PathLike, corpus: str | os.PathLike | None) -> TfidfModel | None:
+    """The paper's vectorizer if its files are in ``folder``, else one fitted on ``corpus``."""
+    model = paper_tfidf(folder)
+    if model is None and corpus and Path(corpus).is_file():
+        model = local_tfidf(corpus)
+    return model
+
+
+Snippets = dict[str, dict[str, list[dict]]]
+
+
+def load_snippets(folder: str | os.PathLike) -> Snippets | None:
+    """``attribute_snippets.json`` as relation_id -> target_id -> [{name, text}], or None."""
+    path = Path(folder) / SNIPPETS_FILE
+    if not path.is_file():
+        return None
+    snips: Snippets = defaultdict(lambda: defaultdict(list))
+    for i, entry in enumerate(read_json(path, what="attribute snippets")):
+        try:
+            snips[entry["relation_id"]][entry["target_id"]].extend(entry["samples"])
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path}: record {i}: missing field {err}") from None
+    return snips
+
+
+def consistency(texts: Iterable[str], snippet_texts: list[str], tfidf: TfidfModel) -> float:
+    """The paper's reference score: generated texts vs. the snippets, all joined by spaces."""
+    return tfidf.similarity(" ".join(texts), " ".join(snippet_texts))
+
+
+__all__ = [
+    "TfidfModel",
+    "consistency",
+    "fluency",
+    "generate_greedy",
+    "load_snippets",
+    "load_tfidf",
+    "local_tfidf",
+    "ngram_entropy",
+    "paper_tfidf",
+    "text_fluency",
+    "word_tokenize",
+]

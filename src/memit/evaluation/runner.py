@@ -1,0 +1,322 @@
+"""Evaluation runs: edit ``num_edits`` cases at a time, score every case before and after,
+and write one JSON per case into ``<out>/<ALG>/run_<NNN>/`` (atomically, so a killed run
+never leaves a half-written case file). A run continued later skips finished cases."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.deltas import WeightDeltas
+from memit.editing.base import EditOptions, get_editor_class, resolve_hparams
+from memit.editing.hparams import HyperParams
+from memit.evaluation.datasets import Case, CounterFactCase, ZsreCase, data_dir, load_cases
+from memit.evaluation.generation import (
+    TfidfModel,
+    Snippets,
+    consistency,
+    fluency,
+    generate_greedy,
+    load_snippets,
+    load_tfidf,
+)
+from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.evaluation.metrics_zsre import evaluate_zsre_case
+from memit.requests import RequestError, check_tokenization, parse_requests
+from memit.utils.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+PARAMS_FILE = "params.json"
+_RUN = re.compile(r"run_(\d+)$")
+# Parameters that must agree for a run to be continued.
+RUN_IDENTITY = ("alg", "model", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
+
+
+class RunError(ValueError):
+    """A run cannot be started or continued as asked."""
+
+
+@dataclass
+class RunConfig:
+    """What to evaluate; stored as ``params.json`` in the run folder."""
+
+    alg: str = "MEMIT"
+    model: str = "default"
+    dataset: str | None = "cf"
+    data_file: str | None = None
+    data_dir: str | None = None
+    num_edits: int = 1
+    sequential_batches: int = 1
+    limit: int | None = None
+    hparams: str | None = None
+    skip_generation: bool = False
+    generation_tokens: int = 100
+    out: str = "results"
+    continue_from_run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_edits < 1:
+            raise RunError(f"num_edits: must be at least 1, got {self.num_edits}")
+        if self.sequential_batches < 1:
+            raise RunError(f"sequential_batches: must be at least 1, got {self.sequential_batches}")
+        if self.limit is not None and self.limit < 1:
+            raise RunError(f"limit: must be at least 1, got {self.limit}")
+
+
+@dataclass
+class GenerationResources:
+    """Snippets and TF-IDF vectorizer for the consistency metric (either may be missing)."""
+
+    snippets: Snippets | None = None
+    tfidf: TfidfModel | None = None
+
+    @classmethod
+    def load(cls, folder: Path, corpus: str | None) -> "GenerationResources":
+        snippets = load_snippets(folder)
+        if snippets is None:
+            log.warning("No %s in %s: consistency is skipped (fluency is still computed)", "attribute_snippets.json", folder)
+            return cls()
+        return cls(snippets, load_tfidf(folder, corpus))
+
+
+@dataclass
+class RunHooks:
+    """Callbacks for progress and tests: after each written case, and around each edit."""
+
+    on_case_done: Callable[[Path], None] | None = None
+    on_edit: Callable[[list[Case]], None] | None = None
+
+
+# --- run folders --------------------------------------------------------------------------
+
+
+def run_root(out: str | Path, alg: str) -> Path:
+    return Path(out) / alg
+
+
+def new_run_dir(out: str | Path, alg: str) -> Path:
+    """Create ``<out>/<alg>/run_<NNN>`` with the next free number."""
+    root = run_root(out, alg)
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        numbers = [int(m.group(1)) for p in root.iterdir() if (m := _RUN.match(p.name))]
+        candidate = root / f"run_{max(numbers, default=-1) + 1:03d}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def resolve_run_dir(out: str | Path, alg: str, run: str) -> Path:
+    """``run`` as a path, ``run_003`` or ``3`` under ``<out>/<alg>``; it must hold params.json."""
+    candidates = [Path(run), run_root(out, alg) / run]
+    if run.isdigit():
+        candidates.append(run_root(out, alg) / f"run_{int(run):03d}")
+    for path in candidates:
+        if (path / PARAMS_FILE).is_file():
+            return path
+    raise RunError(f"continue_from_run: no run {run!r} with a {PARAMS_FILE} (looked in {', '.join(map(str, candidates))})")
+
+
+def case_file(run_dir: Path, case: Case) -> Path:
+    return run_dir / f"case_{case.case_id}.json"
+
+
+def list_runs(out: str | Path, alg: str) -> list[Path]:
+    root = run_root(out, alg)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _RUN.match(p.name) and (p / PARAMS_FILE).is_file())
+
+
+# --- evaluation of one case -------------------------------------------------------------------
+
+
+def evaluate_case(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    case: Case,
+    generation: GenerationResources | None,
+    generation_tokens: int = 100,
+) -> dict[str, Any]:
+    """All metrics of ``case`` on the model as it is now; ``generation`` None skips them."""
+    if isinstance(case, ZsreCase):
+        return evaluate_zsre_case(model, tok, case)
+    metrics = evaluate_counterfact_case(model, tok, case)
+    if generation is not None and case.generation_prompts:
+        metrics.update(generation_metrics(model, tok, case, generation, generation_tokens))
+    return metrics
+
+
+def generation_metrics(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: CounterFactCase, res: GenerationResources, tokens: int
+) -> dict[str, Any]:
+    texts = generate_greedy(model, tok, case.generation_prompts, max_new_tokens=tokens)
+    out: dict[str, Any] = {"fluency": fluency(texts), "consistency": None, "consistency_tfidf": None, "generated_texts": texts}
+    snippet_texts: list[str] = []
+    if res.snippets is not None and case.relation_id and case.target_new_id:
+        snippet_texts = [s["text"] for s in res.snippets.get(case.relation_id, {}).get(case.target_new_id, [])]
+    if snippet_texts and res.tfidf is not None:
+        out["consistency"] = consistency(texts, snippet_texts, res.tfidf)
+        out["consistency_tfidf"] = res.tfidf.source
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _groups(cases: list[Case], size: int) -> list[list[Case]]:
+    return [cases[i : i + size] for i in range(0, len(cases), size)]
+
+
+def _validate_batches(cases: list[Case], config: RunConfig, tok: PreTrainedTokenizerBase) -> None:
+    """Reject requests that cannot be edited before any time is spent (names the case)."""
+    for group in _groups(cases, config.num_edits):
+        try:
+            parse_requests([c.request for c in group])
+        except RequestError as err:
+            first = group[0].case_id
+            raise RunError(f"the batch starting at case {first}: {err}") from None
+    for case in cases:
+        try:
+            check_tokenization([case.request], tok)
+        except RequestError as err:
+            raise RunError(f"case {case.case_id}: {str(err).replace('request 0: ', '')}") from None
+
+
+def _stored_params(run_dir: Path) -> dict[str, Any]:
+    return read_json(run_dir / PARAMS_FILE, what="run parameters")
+
+
+def resolve_config(config: RunConfig) -> tuple[Path | None, RunConfig]:
+    """The run folder to continue (None for a new run) and the configuration to use: a
+    continued run keeps the parameters it was started with."""
+    if config.continue_from_run is None:
+        return None, config
+    run_dir = resolve_run_dir(config.out, config.alg, config.continue_from_run)
+    stored_config = _stored_params(run_dir).get("config", {})
+    for key in RUN_IDENTITY:
+        if key in stored_config and stored_config[key] != getattr(config, key):
+            log.warning("Continuing %s with its stored %s=%r (not %r)", run_dir, key, stored_config[key], getattr(config, key))
+    return run_dir, dataclasses.replace(config, **{k: stored_config[k] for k in RUN_IDENTITY if k in stored_config})
+
+
+def start_run(run_dir: Path | None, config: RunConfig, hparams: HyperParams, extra: dict[str, Any]) -> Path:
+    """Create a new run folder with params.json, or check a continued run's hyperparameters."""
+    if run_dir is None:
+        run_dir = new_run_dir(config.out, config.alg)
+        write_json(run_dir / PARAMS_FILE, {"config": dataclasses.asdict(config), "hparams": hparams.to_dict(), **extra})
+        return run_dir
+    if _stored_params(run_dir).get("hparams") != hparams.to_dict():
+        raise RunError(f"continue_from_run: {run_dir} was run with other hyperparameters; start a new run")
+    return run_dir
+
+
+def run_evaluation(
+    config: RunConfig,
+    model: PreTrainedModel | None = None,
+    tok: PreTrainedTokenizerBase | None = None,
+    hparams: HyperParams | None = None,
+    options: EditOptions | None = None,
+    hooks: RunHooks | None = None,
+) -> Path:
+    """Run (or continue) an evaluation and return its folder. ``model``/``tok`` default to
+    ``load_model(config.model)``; the model is restored to its original weights at the end."""
+    hooks = hooks or RunHooks()
+    options = options or EditOptions()
+    if model is None or tok is None:
+        from memit.models import load_model
+
+        model, tok = load_model(config.model)
+    get_editor_class(config.alg)  # fail early on an unknown method
+    hparams = resolve_hparams(config.alg, hparams if hparams is not None else config.hparams, model)
+    run_dir, config = resolve_config(config)
+    folder = data_dir(config.data_dir)
+    dataset, path, cases = load_cases(config.dataset, config.data_file, folder, config.limit)
+    _validate_batches(cases, config, tok)
+    config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
+    run_dir = start_run(run_dir, config, hparams, {
+        "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    generation = None
+    if not config.skip_generation and any(isinstance(c, CounterFactCase) and c.generation_prompts for c in cases):
+        generation = GenerationResources.load(folder, options.corpus)
+    group_size = config.num_edits * config.sequential_batches
+    todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
+    log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
+             run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
+    for group in tqdm(todo, desc=f"evaluate {run_dir.name}", unit="group", disable=None):
+        _run_group(model, tok, hparams, options, config, run_dir, group, generation, hooks)
+    return run_dir
+
+
+def _run_group(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    hparams: HyperParams,
+    options: EditOptions,
+    config: RunConfig,
+    run_dir: Path,
+    group: list[Case],
+    generation: GenerationResources | None,
+    hooks: RunHooks,
+) -> None:
+    """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert."""
+    pending = [c for c in group if not case_file(run_dir, c).is_file()]
+    start = time.perf_counter()
+    pre = {c.case_id: evaluate_case(model, tok, c, generation, config.generation_tokens) for c in pending}
+    pre_seconds = time.perf_counter() - start
+    applied: list[WeightDeltas] = []
+    try:
+        start = time.perf_counter()
+        for batch in _groups(group, config.num_edits):
+            if hooks.on_edit:
+                hooks.on_edit(batch)
+            from memit.api import edit_model
+
+            applied.append(edit_model(model, tok, [c.request for c in batch], hparams, config.alg, options))
+        edit_seconds = time.perf_counter() - start
+        for case in pending:
+            start = time.perf_counter()
+            post = evaluate_case(model, tok, case, generation, config.generation_tokens)
+            record = {
+                "case_id": case.case_id,
+                "num_edits": config.num_edits,
+                "sequential_batches": config.sequential_batches,
+                "grouped_case_ids": [c.case_id for c in group],
+                "requested_rewrite": case.request.to_dict(),
+                "time": {"edit_seconds": edit_seconds, "pre_seconds_group": pre_seconds, "post_seconds": time.perf_counter() - start},
+                "pre": pre[case.case_id],
+                "post": post,
+            }
+            path = case_file(run_dir, case)
+            write_json(path, record)
+            if hooks.on_case_done:
+                hooks.on_case_done(path)
+    finally:
+        for deltas in reversed(applied):
+            deltas.revert(model)
+
+
+__all__ = [
+    "GenerationResources",
+    "RunConfig",
+    "RunError",
+    "RunHooks",
+    "case_file",
+    "evaluate_case",
+    "list_runs",
+    "new_run_dir",
+    "resolve_run_dir",
+    "run_evaluation",
+]

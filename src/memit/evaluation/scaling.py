@@ -1,0 +1,101 @@
+"""Scaling curves: metrics against the number of edits made in one batch (log x)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.editing.base import EditOptions, resolve_hparams
+from memit.evaluation.datasets import data_dir, default_data_file
+from memit.evaluation.runner import RUN_IDENTITY, RunConfig, list_runs, run_evaluation
+from memit.evaluation.summary import RunSummary, summarize_run
+from memit.utils.io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+CURVES = {
+    "efficacy_success": "Efficacy",
+    "paraphrase_success": "Paraphrase",
+    "neighborhood_success": "Neighborhood",
+    "score": "Score",
+}
+
+
+def cases_for(num_edits: int, min_cases: int) -> int:
+    """Cases evaluated at one point: at least ``min_cases``, a whole number of batches."""
+    batches = max(1, -(-min_cases // num_edits))
+    return batches * num_edits
+
+
+def find_run(config: RunConfig, hparams: dict) -> Path | None:
+    """An existing run of the same configuration and hyperparameters, to reuse or continue."""
+    want = {k: getattr(config, k) for k in RUN_IDENTITY}
+    for run_dir in list_runs(config.out, config.alg):
+        stored = read_json(run_dir / "params.json", what="run parameters")
+        got = {k: stored.get("config", {}).get(k) for k in RUN_IDENTITY}
+        if got == want and stored.get("hparams") == hparams:
+            return run_dir
+    return None
+
+
+def run_scaling(
+    base: RunConfig,
+    num_edits: list[int],
+    min_cases: int,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    hparams=None,
+    options: EditOptions | None = None,
+) -> list[RunSummary]:
+    """One run per batch size (reusing or continuing finished ones); their summaries."""
+    hp = resolve_hparams(base.alg, hparams if hparams is not None else base.hparams, model)
+    data_file = Path(base.data_file) if base.data_file else default_data_file(base.dataset or "cf", data_dir(base.data_dir))
+    summaries = []
+    for n in sorted(num_edits):
+        config = dataclasses.replace(
+            base, num_edits=n, sequential_batches=1, limit=cases_for(n, min_cases), data_file=str(data_file.resolve())
+        )
+        existing = find_run(config, hp.to_dict())
+        if existing is not None:
+            log.info("num_edits=%d: reusing %s", n, existing)
+            config = dataclasses.replace(config, continue_from_run=str(existing))
+        run_dir = run_evaluation(config, model, tok, hp, options)
+        summaries.append(summarize_run(run_dir))
+    return summaries
+
+
+def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
+    """Efficacy, paraphrase, neighborhood success and Score (post, %) against edits, log x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [s.params["config"]["num_edits"] for s in summaries]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, label in CURVES.items():
+        ys = [s.value("post", key) for s in summaries]
+        if all(y is None for y in ys):
+            continue
+        ax.plot(xs, [None if y is None else 100 * y for y in ys], marker="o", label=label)
+    pre = [s.value("pre", "neighborhood_success") for s in summaries]
+    if any(p is not None for p in pre):
+        ax.plot(xs, [None if p is None else 100 * p for p in pre], ls="--", color="grey", label="Neighborhood (unedited)")
+    ax.set_xscale("log")
+    ax.set_xlabel("number of edits in one batch")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling"]

@@ -1,0 +1,161 @@
+"""Summaries of runs: mean and standard deviation of each metric over cases, before (pre)
+and after (post) the edit, as the paper's ``summarize.py`` reports them; the Score is the
+harmonic mean of the mean efficacy, paraphrase and neighborhood success."""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memit.evaluation.runner import PARAMS_FILE
+from memit.utils.io import read_json
+
+log = logging.getLogger(__name__)
+
+SUCCESS_KEYS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+METRICS = (
+    *SUCCESS_KEYS,
+    "efficacy_magnitude",
+    "paraphrase_magnitude",
+    "neighborhood_magnitude",
+    "efficacy_acc",
+    "paraphrase_acc",
+    "neighborhood_acc",
+    "fluency",
+    "consistency",
+)
+JSON_KEYS = (*SUCCESS_KEYS, "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "score", "fluency", "consistency", "num_cases")
+LABELS = {
+    "score": "Score",
+    "efficacy_success": "Efficacy success",
+    "paraphrase_success": "Paraphrase success",
+    "neighborhood_success": "Neighborhood success",
+    "efficacy_magnitude": "Efficacy magnitude",
+    "paraphrase_magnitude": "Paraphrase magnitude",
+    "neighborhood_magnitude": "Neighborhood magnitude",
+    "efficacy_acc": "Efficacy acc",
+    "paraphrase_acc": "Paraphrase acc",
+    "neighborhood_acc": "Neighborhood acc (specificity)",
+    "fluency": "Fluency (n-gram entropy)",
+    "consistency": "Consistency (tf-idf)",
+}
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass
+class RunSummary:
+    """Per phase ('pre', 'post'): metric -> Stat over the cases that have it."""
+
+    run_dir: Path
+    params: dict[str, Any]
+    num_cases: int
+    stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
+    consistency_tfidf: str | None = None
+
+    def score(self, phase: str) -> float | None:
+        means = [self.stats[phase].get(k) for k in SUCCESS_KEYS]
+        if any(m is None for m in means):
+            return None
+        return harmonic_mean([m.mean for m in means])
+
+    def value(self, phase: str, key: str) -> float | None:
+        if key == "score":
+            return self.score(phase)
+        if key == "num_cases":
+            return self.num_cases
+        stat = self.stats[phase].get(key)
+        return None if stat is None else stat.mean
+
+    def to_json(self) -> dict[str, Any]:
+        config = self.params.get("config", {})
+        out: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "alg": config.get("alg"),
+            "model": config.get("model"),
+            "dataset": config.get("dataset"),
+            "num_edits": config.get("num_edits"),
+            "sequential_batches": config.get("sequential_batches"),
+        }
+        for key in JSON_KEYS:
+            out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
+        out["std"] = {
+            key: {phase: (s.std if (s := self.stats[phase].get(key)) else None) for phase in ("pre", "post")}
+            for key in METRICS
+        }
+        for key in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"):
+            out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
+        out["consistency_tfidf"] = self.consistency_tfidf
+        return out
+
+
+def harmonic_mean(values: list[float]) -> float:
+    """The paper's Score (0 if any value is 0)."""
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(run_dir.glob("case_*.json")):
+        records.append(read_json(path, what="case file"))
+    return records
+
+
+def summarize_run(run_dir: str | Path) -> RunSummary:
+    run_dir = Path(run_dir)
+    if not (run_dir / PARAMS_FILE).is_file():
+        raise FileNotFoundError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")
+    records = load_case_records(run_dir)
+    summary = RunSummary(run_dir, read_json(run_dir / PARAMS_FILE, what="run parameters"), len(records))
+    for phase in ("pre", "post"):
+        summary.stats[phase] = {}
+        for key in METRICS:
+            values = [r[phase][key] for r in records if r.get(phase, {}).get(key) is not None]
+            if values:
+                summary.stats[phase][key] = Stat(statistics.fmean(values), statistics.pstdev(values), len(values))
+    sources = {r["post"].get("consistency_tfidf") for r in records if r.get("post", {}).get("consistency_tfidf")}
+    summary.consistency_tfidf = ",".join(sorted(sources)) or None
+    return summary
+
+
+def format_table(summary: RunSummary) -> str:
+    """A paper-style table: mean ± std x 100 for rates and fluency, pre and post."""
+    config = summary.params.get("config", {})
+    head = (
+        f"{summary.run_dir}  alg={config.get('alg')} model={config.get('model')} dataset={config.get('dataset')} "
+        f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases}"
+    )
+    lines = [head, f"{'metric (x100)':<34}{'pre':>18}{'post':>18}"]
+    for key in ("score", *METRICS):
+        cells = []
+        for phase in ("pre", "post"):
+            if key == "score":
+                value = summary.score(phase)
+                cells.append("-" if value is None else f"{100 * value:.1f}")
+            else:
+                stat = summary.stats[phase].get(key)
+                cells.append("-" if stat is None else f"{100 * stat.mean:.1f} ± {100 * stat.std:.1f}")
+        if all(c == "-" for c in cells):
+            continue
+        label = LABELS[key]
+        if key == "consistency" and summary.consistency_tfidf and summary.consistency_tfidf != "paper":
+            label += " [not the paper's idf]"
+        lines.append(f"{label:<34}{cells[0]:>18}{cells[1]:>18}")
+    return "\n".join(lines)
+
+
+def summaries_json(summaries: list[RunSummary]) -> str:
+    return json.dumps([s.to_json() for s in summaries], indent=2)
+
+
+__all__ = ["RunSummary", "Stat", "format_table", "harmonic_mean", "summaries_json", "summarize_run"]
