@@ -12,6 +12,25 @@ from memit.evaluation.datasets import DATASETS
 log = logging.getLogger(__name__)
 
 
+def _user_errors(func):
+    """Turn input errors (bad data file, run, request, download) into a clean CLI error."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from memit.evaluation.datasets import DatasetError
+        from memit.evaluation.download import DownloadError
+        from memit.evaluation.runner import RunError
+        from memit.requests import RequestError
+
+        try:
+            return func(*args, **kwargs)
+        except (DatasetError, RunError, RequestError, DownloadError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
 def _edit_options(func):
     """The editing options of ``memit edit`` (corpus, statistics folder, batching, bf16)."""
     options = [
@@ -63,6 +82,7 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N cases.")
 @click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
 @_edit_options
+@_user_errors
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
              num_edits, sequential_batches, limit, continue_from_run, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
@@ -83,6 +103,7 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of tables.")
+@_user_errors
 def summarize(run_dirs, as_json):
     """Mean ± std of each metric over the cases of each run, before (pre) and after (post)."""
     from memit.evaluation.summary import format_table, summaries_json, summarize_run
@@ -100,6 +121,7 @@ def summarize(run_dirs, as_json):
 @click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
 @_edit_options
+@_user_errors
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
           num_edits, min_cases, plot_path, **edit_opts):
     """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
@@ -134,6 +156,7 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data).")
 @click.option("--base-url", default=None, help="Host to download from (default: the paper's).")
 @click.option("--retries", default=3, show_default=True)
+@_user_errors
 def download(names, data_dir, base_url, retries):
     """Download data sets (cf, mcf, zsre, known, generation, or file names), verifying sha256."""
     from memit.evaluation import datasets

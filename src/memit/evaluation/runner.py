@@ -233,15 +233,15 @@ def run_evaluation(
     ``load_model(config.model)``; the model is restored to its original weights at the end."""
     hooks = hooks or RunHooks()
     options = options or EditOptions()
+    get_editor_class(config.alg)  # fail early on an unknown method
+    run_dir, config = resolve_config(config)
+    folder = data_dir(config.data_dir)
+    dataset, path, cases = load_cases(config.dataset, config.data_file, folder, config.limit)
     if model is None or tok is None:
         from memit.models import load_model
 
         model, tok = load_model(config.model)
-    get_editor_class(config.alg)  # fail early on an unknown method
     hparams = resolve_hparams(config.alg, hparams if hparams is not None else config.hparams, model)
-    run_dir, config = resolve_config(config)
-    folder = data_dir(config.data_dir)
-    dataset, path, cases = load_cases(config.dataset, config.data_file, folder, config.limit)
     _validate_batches(cases, config, tok)
     config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
     run_dir = start_run(run_dir, config, hparams, {

@@ -1,0 +1,117 @@
+"""Evaluation runs on the default model: resume after an interruption, sequential batches,
+summaries and the command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from memit.cli import main
+from memit.evaluation.runner import RunConfig, RunHooks, case_file, run_evaluation
+from memit.evaluation.summary import JSON_KEYS, summarize_run
+
+from ..conftest import DATA_DIR
+
+CF_MEND = DATA_DIR / "counterfact_mend" / "counterfact-val.json"
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fast_hparams(default_hparams):
+    # Fewer optimisation steps: these tests check the bookkeeping, not the edit quality.
+    return dataclasses.replace(default_hparams, v_num_grad_steps=4)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "mlp.down_proj" in k}
+
+
+def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams, tmp_path):
+    model, tok = default_model
+    before = _weights(model)
+    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, limit=3, out=str(tmp_path), skip_generation=True)
+    done: list = []
+
+    def stop_after_two(path):
+        done.append(path)
+        if len(done) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_case_done=stop_after_two))
+    # The interrupted edit was reverted; the two finished cases are on disk, the third is not.
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    run_dir = tmp_path / "MEMIT" / "run_000"
+    files = sorted(run_dir.glob("case_*.json"))
+    assert len(files) == 2 and not list(run_dir.glob(".*.tmp"))
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+
+    edited: list = []
+    resumed = dataclasses.replace(config, continue_from_run="run_000")
+    out = run_evaluation(resumed, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda batch: edited.append([c.case_id for c in batch])))
+    assert out == run_dir
+    assert len(edited) == 1  # only the unfinished case was edited and evaluated
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert len(list(run_dir.glob("case_*.json"))) == 3
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+    # A finished run continued again does nothing.
+    edited.clear()
+    run_evaluation(resumed, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda batch: edited.append(batch)))
+    assert edited == []
+
+    record = json.loads(files[0].read_text())
+    assert {"pre", "post", "requested_rewrite", "case_id"} <= record.keys()
+    assert record["post"]["efficacy_success"] in (0.0, 1.0)
+    summary = summarize_run(run_dir)
+    assert summary.num_cases == 3
+    mean_post = sum(json.loads(f.read_text())["post"]["efficacy_success"] for f in run_dir.glob("case_*.json")) / 3
+    assert summary.value("post", "efficacy_success") == pytest.approx(mean_post)
+
+    result = CliRunner().invoke(main, ["summarize", "--json", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    (obj,) = json.loads(result.output)
+    for key in JSON_KEYS:
+        assert set(obj[key]) == {"pre", "post"}
+    assert obj["num_cases"] == {"pre": 3, "post": 3}
+    table = CliRunner().invoke(main, ["summarize", str(run_dir)])
+    assert "Efficacy success" in table.output and "Score" in table.output
+
+
+def test_sequential_batches_evaluate_all_edits_at_the_end(default_model, fast_hparams, tmp_path):
+    model, tok = default_model
+    before = _weights(model)
+    edits: list = []
+    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, sequential_batches=2, limit=2,
+                       out=str(tmp_path), skip_generation=True)
+    run_dir = run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda b: edits.append(len(b))))
+    assert edits == [1, 1]
+    records = [json.loads(f.read_text()) for f in sorted(run_dir.glob("case_*.json"))]
+    assert len(records) == 2
+    assert all(len(r["grouped_case_ids"]) == 2 and r["sequential_batches"] == 2 for r in records)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 4
+
+
+def test_evaluate_rejects_a_file_that_fits_no_schema(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([
+        {"case_id": 0, "prompt": "Toko Yasuda, the", "subject": "Toko Yasuda", "target_new": "piano", "ground_truth": "guitar",
+         "rephrase_prompt": "Toko Yasuda plays", "locality_prompt": "John Lennon plays", "locality_ground_truth": "guitar"},
+        {"case_id": 1, "prompt": "Danielle Darrieux speaks", "subject": "Danielle Darrieux", "target_new": "English",
+         "ground_truth": "French", "rephrase_prompt": "She speaks"},
+    ]))
+    result = CliRunner().invoke(main, ["evaluate", "--data-file", str(bad), "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    message = result.output
+    assert "record 1" in message and "locality_prompt" in message
+    wrong = CliRunner().invoke(main, ["evaluate", "--dataset", "zsre", "--data-file", str(bad), "--out", str(tmp_path)])
+    assert "record 0" in wrong.output and "'src'" in wrong.output
+    assert not (tmp_path / "MEMIT").exists()
