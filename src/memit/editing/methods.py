@@ -1,4 +1,7 @@
 """Importing this module registers every editing method."""
+from memit.editing.alphaedit.main import AlphaEditEditor
+from memit.editing.ft.main import FTEditor, FTLEditor
 from memit.editing.memit.main import MEMITEditor
+from memit.editing.rome.main import ROMEEditor
 
-__all__ = ["MEMITEditor"]
+__all__ = ["AlphaEditEditor", "FTEditor", "FTLEditor", "MEMITEditor", "ROMEEditor"]

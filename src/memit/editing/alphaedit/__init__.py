@@ -1,0 +1,3 @@
+from memit.editing.alphaedit.hparams import AlphaEditHyperParams
+
+__all__ = ["AlphaEditHyperParams"]

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memit.editing.hparams import HyperParamsError
+from memit.editing.memit.hparams import CovarianceParams, ZOptimizationParams
+
+
+@dataclass
+class AlphaEditHyperParams(CovarianceParams, ZOptimizationParams):
+    """AlphaEdit (Fang et al., ICLR 2025): MEMIT's targets and layer spreading, with each
+    update projected onto the null space of the preserved keys' second moment."""
+
+    algorithm = "AlphaEdit"
+
+    # Eigenvalues of the key second moment below this span the null space that updates stay in.
+    nullspace_threshold: float = 2e-2
+    # Ridge term of the projected solve.
+    L2: float = 10.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.nullspace_threshold <= 0:
+            raise HyperParamsError("hyperparameter 'nullspace_threshold' must be positive")
+        if self.L2 < 0:
+            raise HyperParamsError("hyperparameter 'L2' must be non-negative")
+        if self.mom2_dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise HyperParamsError(f"hyperparameter 'mom2_dtype': unknown dtype {self.mom2_dtype!r}")

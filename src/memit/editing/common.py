@@ -1,0 +1,122 @@
+"""Pieces shared by the editing methods: key statistics, target vectors, writing residuals
+layer by layer, and temporarily changed weights."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator, Mapping
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.editing.base import EditOptions
+from memit.editing.context import ContextTemplates, get_context_templates
+from memit.editing.keys import compute_keys, layer_outputs_at_subject
+from memit.editing.memit.hparams import CovarianceParams, ZOptimizationParams
+from memit.editing.targets import compute_targets
+from memit.models.layout import ModelLayout
+from memit.requests import EditRequest
+from memit.stats import SecondMomentCache, resolve_corpus
+
+log = logging.getLogger(__name__)
+
+# solve(position of the layer in hp.layers, layer, keys (n, in), residuals (n, out)) -> update (out, in)
+LayerSolver = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def second_moments(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    hp: CovarianceParams,
+    layers: list[int],
+    options: EditOptions,
+) -> dict[int, torch.Tensor]:
+    """The cached key second moments E[k kᵀ] at ``layers`` (computed once per model and corpus)."""
+    corpus = resolve_corpus(options.corpus or hp.mom2_dataset, model, tok)
+    return SecondMomentCache(options.stats_dir).get(
+        model, tok, layout, layers, corpus, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype,
+        autocast=options.autocast,
+    )
+
+
+def context_templates(model: PreTrainedModel, tok: PreTrainedTokenizerBase, hp: ZOptimizationParams, options: EditOptions) -> ContextTemplates:
+    return get_context_templates(model, tok, hp.context_template_length_params, seed=options.seed)
+
+
+def layer_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    hp: ZOptimizationParams,
+    templates: ContextTemplates,
+    options: EditOptions,
+) -> torch.Tensor:
+    """MEMIT's target vectors z (float64, one row per request) at the last edit layer's output."""
+    return compute_targets(
+        model, tok, layout, requests, hp, templates, hp.layers[-1],
+        batch_size=options.batch_size, fast=options.fast, autocast=options.autocast,
+    ).target.double()
+
+
+def write_over_layers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    layers: list[int],
+    targets: torch.Tensor,
+    templates: ContextTemplates,
+    solve: LayerSolver,
+) -> dict[str, torch.Tensor]:
+    """Write the targets layer by layer: each layer takes its share of the remaining residual
+    at the last layer's output, and later layers see the earlier layers' updates (MEMIT's
+    spreading). ``model`` is restored afterwards; returns parameter name -> delta."""
+    z_layer = layers[-1]
+    deltas: dict[str, torch.Tensor] = {}
+    with restored_weights(model, [layout.weight_name(layer) for layer in layers]):
+        for i, layer in enumerate(layers):
+            keys = compute_keys(model, tok, layout, requests, layer, templates).double()
+            current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).double()
+            residual = (targets - current) / (len(layers) - i)
+            update = solve(i, layer, keys, residual)
+            weight = layout.mlp_out(model, layer).weight
+            delta = layout.as_weight(update).float()
+            log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f",
+                     layer, residual.norm(), update.norm(), weight.norm())
+            with torch.no_grad():
+                weight.add_(delta.to(weight.dtype))
+            deltas[layout.weight_name(layer)] = delta
+    return deltas
+
+
+@contextlib.contextmanager
+def restored_weights(model: PreTrainedModel, names: list[str]) -> Iterator[None]:
+    """Whatever happens to the named parameters inside the block is undone, bit for bit."""
+    originals = {name: model.get_parameter(name).detach().clone() for name in names}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                model.get_parameter(name).copy_(original)
+
+
+@contextlib.contextmanager
+def applied(model: PreTrainedModel, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``deltas`` added to ``model`` inside the block and removed exactly afterwards."""
+    with restored_weights(model, list(deltas)):
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                param = model.get_parameter(name)
+                param.add_(delta.to(param.device, param.dtype))
+        yield
+
+
+def add_deltas(total: dict[str, torch.Tensor], more: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum two parameter-name -> delta maps."""
+    out = dict(total)
+    for name, delta in more.items():
+        out[name] = out[name] + delta if name in out else delta
+    return out

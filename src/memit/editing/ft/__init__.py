@@ -1,0 +1,3 @@
+from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
+
+__all__ = ["FTHyperParams", "FTLHyperParams"]

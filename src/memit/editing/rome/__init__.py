@@ -1,0 +1,3 @@
+from memit.editing.rome.hparams import ROMEHyperParams
+
+__all__ = ["ROMEHyperParams"]

@@ -1,0 +1,128 @@
+"""ROME: a rank-one update ΔW = v uᵀ at one layer, written request after request.
+
+Per request, with the model edited by the requests before it: the key k* is the MLP output
+projection's input at the subject's last token, averaged over the context templates; the
+left vector is u = C⁻¹k* / ‖C⁻¹k*‖; the target v* is the MLP output at the subject that
+makes the model say ``target_new`` (the shared z optimisation with the delta placed at the
+MLP output); the right vector is (v* − W k) / (k · u), with k and W k the projection's input
+and output on the bare prompt, so that the edited weight maps k to v*.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from memit.editing.base import Editor, register
+from memit.editing.common import add_deltas, applied, context_templates, second_moments
+from memit.editing.context import ContextTemplates
+from memit.editing.keys import compute_keys, layer_outputs_at_subject, vectors_at_subject
+from memit.editing.rome.hparams import ROMEHyperParams
+from memit.editing.targets import compute_targets
+from memit.models.layout import ModelLayout
+from memit.requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+@register
+class ROMEEditor(Editor):
+    name = "ROME"
+    hparams_class = ROMEHyperParams
+    hparams: ROMEHyperParams
+
+    def compute_deltas(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        moments = second_moments(model, tok, layout, hp, hp.layers, self.options) if hp.mom2_adjustment else {}
+        templates = context_templates(model, tok, hp, self.options)
+        total: dict[str, torch.Tensor] = {}
+        for n, request in enumerate(requests):
+            # Each request sees the model as edited by the ones before it, as in the paper.
+            with applied(model, total):
+                step = self.request_deltas(model, tok, layout, request, templates, moments)
+            log.info("ROME request %d/%d: update norms %s", n + 1, len(requests),
+                     {k: round(float(v.norm()), 3) for k, v in step.items()})
+            total = add_deltas(total, step)
+        return total
+
+    def request_deltas(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        request: EditRequest,
+        templates: ContextTemplates,
+        moments: dict[int, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """One request's rank-one updates at the edit layers, each layer seeing the previous ones."""
+        deltas: dict[str, torch.Tensor] = {}
+        for layer in self.hparams.layers:
+            with applied(model, deltas):
+                delta = self.rank_one_update(model, tok, layout, request, templates, layer, moments.get(layer))
+            deltas[layout.weight_name(layer)] = layout.as_weight(delta).float()
+        return deltas
+
+    def rank_one_update(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        request: EditRequest,
+        templates: ContextTemplates,
+        layer: int,
+        moment: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """ΔW (out, in) for one request at ``layer`` of the model as it is now."""
+        left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0], moment)
+        name = layout.mlp_out_name(layer)
+        key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].double()
+        value = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "output")[0].double()
+        # v* − W k: the weight then maps this prompt's key k to v*.
+        change = self.value_change(model, tok, layout, request, templates, layer, value)
+        right = change / torch.dot(key, left)
+        log.info("layer %d: target change %.3f, division factor %.4f, right vector norm %.3f",
+                 layer, change.norm(), torch.dot(key, left), right.norm())
+        return torch.outer(right, left)
+
+    def value_change(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        request: EditRequest,
+        templates: ContextTemplates,
+        layer: int,
+        value: torch.Tensor,
+    ) -> torch.Tensor:
+        """The optimised change δ of the MLP output at the subject (v* = W k + δ).
+
+        Adding δ to the MLP output equals adding it to the layer output there, so the shared
+        z optimisation at ``layer`` computes it. ROME measures the clamp (‖δ‖ ≤ factor·‖v‖)
+        and the weight decay (‖δ‖/‖v‖²) against the MLP output v, while the optimisation
+        measures them against its reference vector h, the layer output: for one request,
+        rescaling the two factors by ‖v‖/‖h‖ and ‖h‖²/‖v‖² makes the objective exactly ROME's.
+        """
+        hp, opts = self.hparams, self.options
+        residual = layer_outputs_at_subject(model, tok, layout, [request], layer)[0].double()
+        ratio = float(value.norm() / residual.norm())
+        scaled = dataclasses.replace(
+            hp, clamp_norm_factor=hp.clamp_norm_factor * ratio, v_weight_decay=hp.v_weight_decay / ratio**2
+        )
+        vectors = compute_targets(
+            model, tok, layout, [request], scaled, templates, layer,
+            batch_size=1, fast=opts.fast, autocast=opts.autocast,
+        )
+        log.info("layer %d: z loss %.4f", layer, float(vectors.final_loss[0]))
+        return vectors.delta[0].double()
+
+
+def left_vector(key: torch.Tensor, moment: torch.Tensor | None) -> torch.Tensor:
+    """u = C⁻¹k / ‖C⁻¹k‖ in float64 (k / ‖k‖ without the second moment)."""
+    u = key.double()
+    if moment is not None:
+        u = torch.linalg.solve(moment.double().to(u.device), u)
+    return u / u.norm()
