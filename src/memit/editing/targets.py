@@ -7,8 +7,11 @@ element). Two ways to compute the logits give the same numbers:
 
 * ``plain``: the whole model, all layers and the vocabulary head at every position (the
   reference algorithm, one request at a time);
-* ``fast``: the layers up to the delta's layer run once and are replayed from a cache, and
-  the vocabulary head runs only at the positions the loss reads.
+* ``fast``: the layers up to the delta's layer run once and are replayed from a cache; the
+  tokens before each prompt's subject token, which the delta cannot reach (attention is
+  causal), run once and are kept as keys and values, so each step only computes the layers
+  above the delta's layer on the tokens from the subject on; and the vocabulary head runs only
+  at the positions the loss reads.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates, flatten
 from memit.editing.memit.hparams import ZOptimizationParams
@@ -175,15 +178,14 @@ def _optimise(
         change = change.index_put((rows, subject_pos), delta[seq_request].to(layer_out.dtype))
         return layer_out + change
 
+    suffix = _prepare_suffix(model, inputs, cached_layer_out, problem, subject_pos, autocast) if fast else None
+    suffix_request = seq_request
     init_kl_logprobs = None
     losses = torch.zeros(n_requests, device=device)
     with _frozen_parameters(model), _autocast(autocast):
         for step in range(hparams.v_num_grad_steps):
             if fast:
-                target_logp, kl_logp = _fast_logprobs(
-                    model, layout, layer, output_kind[0], inputs, problem, subject_pos,
-                    lambda: edited_layer_output(cached_layer_out),
-                )
+                target_logp, kl_logp = _fast_logprobs(model, layout, layer, output_kind[0], suffix, delta[suffix_request])
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
                     target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
@@ -238,27 +240,105 @@ def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, sub
     return target_logp, log_probs[kl_seq, subject_pos[kl_seq]]
 
 
+@dataclass
+class _Suffix:
+    """Each sequence from its subject token on (right-padded to ``width``), with the keys and
+    values of the tokens before it (left-padded), which no step changes."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor  # over prefix then suffix columns
+    position_ids: torch.Tensor
+    layer_out: torch.Tensor  # the edit layer's unedited output at the suffix tokens
+    prefix_cache: list[tuple[torch.Tensor, torch.Tensor]] | None
+    target_seq: torch.Tensor
+    target_col: torch.Tensor  # suffix column of each target token's logits
+    target_tok: torch.Tensor
+    kl_seq: torch.Tensor
+
+
+def _prepare_suffix(
+    model: PreTrainedModel,
+    inputs: dict[str, torch.Tensor],
+    layer_out: torch.Tensor,
+    problem: _Problem,
+    subject_pos: torch.Tensor,
+    autocast: bool,
+) -> _Suffix:
+    """Split each sequence at its subject token and run the prefixes once, keeping their keys
+    and values: the delta is added at the subject token, so nothing before it ever changes."""
+    device = layer_out.device
+    lengths = problem.batch.lengths.to(device)
+    prefix_len, suffix_len = subject_pos, lengths - subject_pos
+    width_p, width_s = int(prefix_len.max()), int(suffix_len.max())
+    n = len(lengths)
+    ids = inputs["input_ids"]
+
+    # Prefix columns are left-padded so that every suffix starts at column width_p.
+    cols_p = torch.arange(width_p, device=device).expand(n, -1)
+    src_p = cols_p - (width_p - prefix_len).unsqueeze(1)
+    mask_p = src_p >= 0
+    src_p = src_p.clamp(min=0)
+    cols_s = torch.arange(width_s, device=device).expand(n, -1)
+    src_s = (prefix_len.unsqueeze(1) + cols_s).clamp(max=ids.shape[1] - 1)
+    mask_s = cols_s < suffix_len.unsqueeze(1)
+
+    prefix_cache = None
+    if width_p > 0:
+        with torch.no_grad(), _autocast(autocast):
+            out = model.base_model(
+                input_ids=ids.gather(1, src_p), attention_mask=mask_p.long(), position_ids=src_p,
+                past_key_values=DynamicCache(), use_cache=True,
+            )
+        prefix_cache = []
+        for keys, values, *_ in out.past_key_values:
+            # Padded slots are masked out later, but a NaN there would still poison the
+            # attention product, so zero them.
+            keep = mask_p[:, None, :, None]
+            prefix_cache.append((keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)))
+
+    target_seq = problem.target_seq.to(device)
+    return _Suffix(
+        input_ids=torch.where(mask_s, ids.gather(1, src_s), ids[0, 0]),
+        attention_mask=torch.cat([mask_p, mask_s], 1).long(),
+        position_ids=prefix_len.unsqueeze(1) + cols_s,
+        layer_out=layer_out[torch.arange(n, device=device).unsqueeze(1), src_s].detach(),
+        prefix_cache=prefix_cache,
+        target_seq=target_seq,
+        target_col=problem.target_pos.to(device) - prefix_len[target_seq],
+        target_tok=problem.target_tok.to(device),
+        kl_seq=problem.kl_seq.to(device),
+    )
+
+
 def _fast_logprobs(
     model: PreTrainedModel,
     layout: ModelLayout,
     layer: int,
     tuple_output: bool,
-    inputs: dict,
-    problem: _Problem,
-    subject_pos: torch.Tensor,
-    layer_output: Callable[[], torch.Tensor],
+    suffix: _Suffix,
+    seq_delta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities at the loss positions, computing only the layers above ``layer`` on the
+    suffix tokens; ``seq_delta`` is added to the edit layer's output at the subject token
+    (suffix column 0) of each sequence."""
+    layer_out = suffix.layer_out
+    edited = torch.cat([layer_out[:, :1] + seq_delta.to(layer_out.dtype).unsqueeze(1), layer_out[:, 1:]], 1)
+    # update() concatenates, so a fresh cache object over the same tensors serves every step.
+    cache = DynamicCache(ddp_cache_data=suffix.prefix_cache) if suffix.prefix_cache is not None else None
     layers = model.get_submodule(layout.layer_tmp.removesuffix(".{}"))
-    with skip_layers_below(layers, layer, layer_output, tuple_output):
-        hidden = first_tensor(model.base_model(**inputs, use_cache=False).last_hidden_state)
-    device = hidden.device
-    kl_seq = problem.kl_seq.to(device)
-    seqs = torch.cat([problem.target_seq.to(device), kl_seq])
-    positions = torch.cat([problem.target_pos.to(device), subject_pos[kl_seq]])
-    logits = model.get_output_embeddings()(hidden[seqs, positions]).float()
+    with skip_layers_below(layers, layer, lambda: edited, tuple_output):
+        hidden = first_tensor(
+            model.base_model(
+                input_ids=suffix.input_ids, attention_mask=suffix.attention_mask, position_ids=suffix.position_ids,
+                past_key_values=cache, use_cache=cache is not None,
+            ).last_hidden_state
+        )
+    seqs = torch.cat([suffix.target_seq, suffix.kl_seq])
+    cols = torch.cat([suffix.target_col, torch.zeros_like(suffix.kl_seq)])
+    logits = model.get_output_embeddings()(hidden[seqs, cols]).float()
     log_probs = torch.log_softmax(logits, dim=-1)
-    n_targets = len(problem.target_seq)
-    target_logp = log_probs[:n_targets].gather(1, problem.target_tok.to(device).unsqueeze(1)).squeeze(1)
+    n_targets = len(suffix.target_seq)
+    target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.unsqueeze(1)).squeeze(1)
     return target_logp, log_probs[n_targets:]
 
 

@@ -1,0 +1,64 @@
+"""The fast paths compute what the reference paths compute (issue #5): target vectors and key statistics."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from memit import ModelLayout, parse_requests
+from memit.editing.context import get_context_templates
+from memit.editing.targets import compute_targets
+from memit.stats import collect_second_moments, resolve_corpus
+
+
+
+Z_LAYER = 8
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def setup(default_model, default_hparams, counterfact_records):
+    model, tok = default_model
+    hparams = copy.deepcopy(default_hparams)
+    hparams.v_num_grad_steps = STEPS
+    layout = ModelLayout.from_model(model)
+    templates = get_context_templates(model, tok, hparams.context_template_length_params)
+    requests = parse_requests(counterfact_records[:2])
+    return model, tok, layout, hparams, templates, requests
+
+
+def _targets(setup, requests, **kwargs):
+    model, tok, layout, hparams, templates, _ = setup
+    return compute_targets(model, tok, layout, requests, hparams, templates, Z_LAYER, **kwargs)
+
+
+def test_fast_targets_equal_plain(setup):
+    requests = setup[-1]
+    plain = _targets(setup, requests, batch_size=1, fast=False)
+    fast = _targets(setup, requests, batch_size=len(requests), fast=True)
+    assert plain.delta.abs().max() > 0.1  # the optimisation moved
+    torch.testing.assert_close(fast.init, plain.init, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.delta, plain.delta, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(fast.final_loss, plain.final_loss, atol=1e-3, rtol=1e-3)
+
+
+def test_batch_equals_each_alone(setup):
+    requests = setup[-1]
+    together = _targets(setup, requests, batch_size=len(requests), fast=True)
+    for i, request in enumerate(requests):
+        alone = _targets(setup, [request], batch_size=1, fast=True)
+        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
+
+
+def test_one_pass_statistics_equal_per_layer_passes(default_model):
+    model, tok = default_model
+    layout = ModelLayout.from_model(model)
+    corpus = resolve_corpus(os.environ["MEMIT_CORPUS"])  # set by conftest
+    layers, n_samples, max_tokens = [2, 4], 6, 64
+    together, count = collect_second_moments(model, tok, layout, layers, corpus.texts(), n_samples, max_tokens, batch_tokens=256)
+    for layer in layers:
+        alone, alone_count = collect_second_moments(model, tok, layout, [layer], corpus.texts(), n_samples, max_tokens)
+        assert alone_count == count
+        torch.testing.assert_close(together[layer], alone[layer], atol=1e-5, rtol=1e-4)
