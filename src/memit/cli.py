@@ -10,7 +10,18 @@ import click
 from memit.utils.io import write_json
 
 
-@click.group()
+class _Group(click.Group):
+    """Shows bad input (a malformed request, an unknown hyperparameter, a missing file) as a
+    one-line error instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            raise click.ClickException(str(err)) from err
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Mass-edit facts in a causal language model and measure the result."""
