@@ -4,6 +4,7 @@ never leaves a half-written case file). A run continued later skips finished cas
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -174,23 +175,63 @@ def generation_metrics(
 # --- the run ------------------------------------------------------------------------------------
 
 
+def pre_cache_dir(config: RunConfig, model: PreTrainedModel, with_generation: bool) -> Path:
+    """Where unedited-model metrics are cached across runs of the same model and data file
+    (the model must be unedited when a run starts; runs restore it after every group)."""
+    from memit.models.loading import model_fingerprint
+
+    key = f"{Path(config.data_file or '').resolve()}|{config.dataset}|{with_generation}|{config.generation_tokens}"
+    return Path(config.out) / ".pre_cache" / model_fingerprint(model) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _pre_metrics(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    case: Case,
+    generation: GenerationResources | None,
+    config: RunConfig,
+    cache: Path | None,
+) -> dict[str, Any]:
+    path = cache / f"case_{case.case_id}.json" if cache is not None else None
+    if path is not None and path.is_file():
+        return read_json(path, what="cached pre-edit metrics")
+    metrics = evaluate_case(model, tok, case, generation, config.generation_tokens)
+    if path is not None:
+        write_json(path, metrics)
+    return metrics
+
+
 def _groups(cases: list[Case], size: int) -> list[list[Case]]:
     return [cases[i : i + size] for i in range(0, len(cases), size)]
 
 
-def _validate_batches(cases: list[Case], config: RunConfig, tok: PreTrainedTokenizerBase) -> None:
-    """Reject requests that cannot be edited before any time is spent (names the case)."""
+def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int | None) -> tuple[list[Case], list]:
+    """The first ``limit`` cases whose subject can be located in the prompt's tokens, and
+    the ids of those skipped (e.g. a subject ending in ")" before "?" that the tokenizer
+    merges into ")?"); the paper's code edits those at an approximate position."""
+    kept: list[Case] = []
+    skipped: list = []
+    for case in cases:
+        if limit is not None and len(kept) >= limit:
+            break
+        try:
+            check_tokenization([case.request], tok)
+        except RequestError as err:
+            log.warning("Skipping case %s: %s", case.case_id, str(err).replace("request 0: ", ""))
+            skipped.append(case.case_id)
+            continue
+        kept.append(case)
+    return kept, skipped
+
+
+def _validate_batches(cases: list[Case], config: RunConfig) -> None:
+    """Reject batches that cannot be edited before any time is spent (names the case)."""
     for group in _groups(cases, config.num_edits):
         try:
             parse_requests([c.request for c in group])
         except RequestError as err:
             first = group[0].case_id
             raise RunError(f"the batch starting at case {first}: {err}") from None
-    for case in cases:
-        try:
-            check_tokenization([case.request], tok)
-        except RequestError as err:
-            raise RunError(f"case {case.case_id}: {str(err).replace('request 0: ', '')}") from None
 
 
 def _stored_params(run_dir: Path) -> dict[str, Any]:
@@ -236,27 +277,29 @@ def run_evaluation(
     get_editor_class(config.alg)  # fail early on an unknown method
     run_dir, config = resolve_config(config)
     folder = data_dir(config.data_dir)
-    dataset, path, cases = load_cases(config.dataset, config.data_file, folder, config.limit)
+    dataset, path, cases = load_cases(config.dataset, config.data_file, folder)
     if model is None or tok is None:
         from memit.models import load_model
 
         model, tok = load_model(config.model)
     hparams = resolve_hparams(config.alg, hparams if hparams is not None else config.hparams, model)
-    _validate_batches(cases, config, tok)
+    cases, skipped = editable_cases(cases, tok, config.limit)
+    _validate_batches(cases, config)
     config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
     run_dir = start_run(run_dir, config, hparams, {
         "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped_case_ids": skipped, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     generation = None
     if not config.skip_generation and any(isinstance(c, CounterFactCase) and c.generation_prompts for c in cases):
         generation = GenerationResources.load(folder, options.corpus)
+    pre_cache = pre_cache_dir(config, model, generation is not None)
     group_size = config.num_edits * config.sequential_batches
     todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
     log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
     for group in tqdm(todo, desc=f"evaluate {run_dir.name}", unit="group", disable=None):
-        _run_group(model, tok, hparams, options, config, run_dir, group, generation, hooks)
+        _run_group(model, tok, hparams, options, config, run_dir, group, generation, hooks, pre_cache)
     return run_dir
 
 
@@ -270,11 +313,12 @@ def _run_group(
     group: list[Case],
     generation: GenerationResources | None,
     hooks: RunHooks,
+    pre_cache: Path | None = None,
 ) -> None:
     """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert."""
     pending = [c for c in group if not case_file(run_dir, c).is_file()]
     start = time.perf_counter()
-    pre = {c.case_id: evaluate_case(model, tok, c, generation, config.generation_tokens) for c in pending}
+    pre = {c.case_id: _pre_metrics(model, tok, c, generation, config, pre_cache) for c in pending}
     pre_seconds = time.perf_counter() - start
     applied: list[WeightDeltas] = []
     try:
