@@ -276,12 +276,16 @@ def main() -> None:
         runs["fast_bf16"] = EditOptions(batch_size=args.batch_size, fast=True, autocast=True)
     for name, options in runs.items():
         log.info("%s path: %d requests (batch_size=%d, fast=%s, autocast=%s)", name, len(cases), options.batch_size, options.fast, options.autocast)
+        # Other processes may share the CPU: the throughput and load right before each run say how much.
+        result[f"{name}_matmul_fp32_gflops"] = matmul_gflops(torch.float32, seconds=1.0)
+        result[f"{name}_load_average"] = os.getloadavg()[0]
         run = timed_edit(model, tok, cases, hparams, options, tally)
         for key, value in run.items():
             result[f"{name}_{key}"] = value
         print(
             f"{name:>10}: {run['s_per_request']:.2f} s/request (target vectors {run['z_s_per_request']:.2f} s/request at "
-            f"{run['z_gflops']:.1f} GFLOP/s = {run['z_gflops'] / result['matmul_fp32_gflops']:.0%} of fp32 matmul); "
+            f"{run['z_gflops']:.1f} GFLOP/s = {run['z_gflops'] / result[f'{name}_matmul_fp32_gflops']:.0%} of the fp32 matmul "
+            f"measured just before, {result[f'{name}_matmul_fp32_gflops']:.0f} GFLOP/s); "
             f"efficacy {run['efficacy']:.3f} paraphrase {run['paraphrase']:.3f} neighborhood {run['neighborhood']:.3f}",
             flush=True,
         )
