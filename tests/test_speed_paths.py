@@ -62,3 +62,24 @@ def test_one_pass_statistics_equal_per_layer_passes(default_model):
         alone, alone_count = collect_second_moments(model, tok, layout, [layer], corpus.texts(), n_samples, max_tokens)
         assert alone_count == count
         torch.testing.assert_close(together[layer], alone[layer], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox", "llama_tied", "mistral", "qwen2_untied"])
+def test_fast_targets_equal_plain_across_architectures(arch, default_model):
+    """The prefix keys/values and the replayed layers must work for every supported layout."""
+    from tests.test_architectures import CONFIGS, tiny, tiny_hparams
+
+    _, tok = default_model
+    model = tiny(arch)
+    layout = ModelLayout.from_model(model, CONFIGS[arch][1], CONFIGS[arch][2])
+    hparams = tiny_hparams()
+    hparams.v_num_grad_steps = STEPS
+    templates = [["{}"], ["Some text. {}", "More and more text here. {}"]]
+    requests = parse_requests([
+        {"prompt": "The sport played by {} is", "subject": "LeBron James", "target_new": "football"},
+        {"prompt": "{}, the capital city of", "subject": "Paris", "target_new": "Italy"},
+    ])
+    run = lambda **k: compute_targets(model, tok, layout, requests, hparams, templates, 2, **k)
+    plain, fast = run(batch_size=1, fast=False), run(batch_size=2, fast=True)
+    torch.testing.assert_close(fast.delta, plain.delta, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(fast.final_loss, plain.final_loss, atol=1e-4, rtol=1e-3)
