@@ -25,7 +25,7 @@ class Interrupt(Exception):
 @pytest.fixture(scope="module")
 def fast_hparams(default_hparams):
     # Fewer optimisation steps: these tests check the bookkeeping, not the edit quality.
-    return dataclasses.replace(default_hparams, v_num_grad_steps=4)
+    return dataclasses.replace(default_hparams, v_num_grad_steps=2)
 
 
 def _weights(model):
@@ -35,21 +35,20 @@ def _weights(model):
 def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams, tmp_path):
     model, tok = default_model
     before = _weights(model)
-    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, limit=3, out=str(tmp_path), skip_generation=True)
+    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, limit=2, out=str(tmp_path), skip_generation=True)
     done: list = []
 
-    def stop_after_two(path):
+    def stop_after_one(path):
         done.append(path)
-        if len(done) == 2:
-            raise Interrupt
+        raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_case_done=stop_after_two))
-    # The interrupted edit was reverted; the two finished cases are on disk, the third is not.
+        run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_case_done=stop_after_one))
+    # The interrupted edit was reverted; the finished case is on disk, the other is not.
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     run_dir = tmp_path / "MEMIT" / "run_000"
     files = sorted(run_dir.glob("case_*.json"))
-    assert len(files) == 2 and not list(run_dir.glob(".*.tmp"))
+    assert len(files) == 1 and not list(run_dir.glob(".*.tmp"))
     stamps = {f: f.stat().st_mtime_ns for f in files}
 
     edited: list = []
@@ -58,7 +57,7 @@ def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams
     assert out == run_dir
     assert len(edited) == 1  # only the unfinished case was edited and evaluated
     assert {f: f.stat().st_mtime_ns for f in files} == stamps
-    assert len(list(run_dir.glob("case_*.json"))) == 3
+    assert len(list(run_dir.glob("case_*.json"))) == 2
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
 
     # A finished run continued again does nothing.
@@ -66,12 +65,18 @@ def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams
     run_evaluation(resumed, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda batch: edited.append(batch)))
     assert edited == []
 
+    # Unedited-model metrics are cached for later runs on the same model and data file.
+    cached = sorted((tmp_path / ".pre_cache").glob("*/*/case_*.json"))
+    assert [c.name for c in cached] == sorted(f.name for f in run_dir.glob("case_*.json"))
+    for c in cached:
+        assert json.loads((run_dir / c.name).read_text())["pre"] == json.loads(c.read_text())
+
     record = json.loads(files[0].read_text())
     assert {"pre", "post", "requested_rewrite", "case_id"} <= record.keys()
     assert record["post"]["efficacy_success"] in (0.0, 1.0)
     summary = summarize_run(run_dir)
-    assert summary.num_cases == 3
-    mean_post = sum(json.loads(f.read_text())["post"]["efficacy_success"] for f in run_dir.glob("case_*.json")) / 3
+    assert summary.num_cases == 2
+    mean_post = sum(json.loads(f.read_text())["post"]["efficacy_success"] for f in run_dir.glob("case_*.json")) / 2
     assert summary.value("post", "efficacy_success") == pytest.approx(mean_post)
 
     result = CliRunner().invoke(main, ["summarize", "--json", str(run_dir)])
@@ -79,7 +84,7 @@ def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams
     (obj,) = json.loads(result.output)
     for key in JSON_KEYS:
         assert set(obj[key]) == {"pre", "post"}
-    assert obj["num_cases"] == {"pre": 3, "post": 3}
+    assert obj["num_cases"] == {"pre": 2, "post": 2}
     table = CliRunner().invoke(main, ["summarize", str(run_dir)])
     assert "Efficacy success" in table.output and "Score" in table.output
 
@@ -97,7 +102,7 @@ def test_sequential_batches_evaluate_all_edits_at_the_end(default_model, fast_hp
     assert all(len(r["grouped_case_ids"]) == 2 and r["sequential_batches"] == 2 for r in records)
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())
-    assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 4
+    assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 2
 
 
 def test_evaluate_rejects_a_file_that_fits_no_schema(tmp_path):

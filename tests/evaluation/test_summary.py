@@ -1,0 +1,77 @@
+"""Summaries, the JSON output and the scaling plot from hand-made run folders."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from click.testing import CliRunner
+
+from memit.cli import main
+from memit.evaluation.scaling import cases_for, find_run, plot_scaling
+from memit.evaluation.runner import RunConfig
+from memit.evaluation.summary import format_table, harmonic_mean, summarize_run
+
+
+def _make_run(folder, num_edits, cases, dataset="cf"):
+    folder.mkdir(parents=True)
+    config = {"alg": "MEMIT", "model": "default", "dataset": dataset, "num_edits": num_edits, "sequential_batches": 1}
+    (folder / "params.json").write_text(json.dumps({"config": config, "hparams": {}}))
+    for i, (pre, post) in enumerate(cases):
+        (folder / f"case_{i}.json").write_text(json.dumps({"case_id": i, "pre": pre, "post": post}))
+    return folder
+
+
+def _cf(eff, par, nei, flu=None):
+    return {"efficacy_success": eff, "paraphrase_success": par, "neighborhood_success": nei,
+            "efficacy_acc": eff / 2, "paraphrase_acc": 0.0, "neighborhood_acc": 1.0,
+            "efficacy_magnitude": 0.1, "paraphrase_magnitude": 0.0, "neighborhood_magnitude": -0.1, "fluency": flu}
+
+
+def test_summary_means_std_and_score(tmp_path):
+    posts = [_cf(1.0, 0.5, 0.8, 6.0), _cf(1.0, 1.0, 0.6, 5.0), _cf(0.0, 0.5, 0.7, 4.0)]
+    run = _make_run(tmp_path / "run_000", 3, [(_cf(0.0, 0.0, 0.9), p) for p in posts])
+    s = summarize_run(run)
+    assert s.num_cases == 3
+    eff = [p["efficacy_success"] for p in posts]
+    assert s.stats["post"]["efficacy_success"].mean == pytest.approx(statistics.fmean(eff))
+    assert s.stats["post"]["efficacy_success"].std == pytest.approx(statistics.pstdev(eff))
+    means = [statistics.fmean(p[k] for p in posts) for k in ("efficacy_success", "paraphrase_success", "neighborhood_success")]
+    assert s.score("post") == pytest.approx(3 / sum(1 / m for m in means))
+    assert s.score("pre") == 0.0
+    assert s.value("post", "fluency") == pytest.approx(5.0) and "fluency" not in s.stats["pre"]
+    table = format_table(s)
+    assert "Score" in table and f"{100 * means[0]:.1f} ± " in table
+    assert harmonic_mean(means) == pytest.approx(s.score("post"))
+
+
+def test_summarize_json_for_zsre_has_null_success(tmp_path):
+    zs = {"efficacy_acc": 0.5, "paraphrase_acc": 0.25, "neighborhood_acc": 1.0}
+    run = _make_run(tmp_path / "run_000", 1, [(zs, {**zs, "efficacy_acc": 1.0})], dataset="zsre")
+    result = CliRunner().invoke(main, ["summarize", "--json", str(run)])
+    assert result.exit_code == 0, result.output
+    (obj,) = json.loads(result.output)
+    assert obj["efficacy_acc"] == {"pre": 0.5, "post": 1.0}
+    assert obj["efficacy_success"] == {"pre": None, "post": None} and obj["score"] == {"pre": None, "post": None}
+    assert obj["num_cases"] == {"pre": 1, "post": 1}
+    bad = CliRunner().invoke(main, ["summarize", str(tmp_path)])
+    assert bad.exit_code != 0 and "params.json" in bad.output
+
+
+def test_scaling_plot_and_run_reuse(tmp_path):
+    runs = [_make_run(tmp_path / f"run_{i:03d}", n, [(_cf(0.0, 0.0, 0.8), _cf(1.0, 0.9 - i / 10, 0.7))] * 2)
+            for i, n in enumerate((1, 10, 100))]
+    png = plot_scaling([summarize_run(r) for r in runs], tmp_path / "plots" / "scale.png", title="t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [cases_for(n, 10) for n in (1, 3, 10, 100)] == [10, 12, 10, 100]
+    # A run with the same parameters and hyperparameters is found again.
+    out = tmp_path / "results"
+    config = RunConfig(dataset="cf-mend", data_file="/x.json", num_edits=10, limit=10, out=str(out))
+    run = out / "MEMIT" / "run_000"
+    run.mkdir(parents=True)
+    from dataclasses import asdict
+
+    (run / "params.json").write_text(json.dumps({"config": asdict(config), "hparams": {"a": 1}}))
+    assert find_run(config, {"a": 1}) == run
+    assert find_run(config, {"a": 2}) is None
+    assert find_run(RunConfig(dataset="cf-mend", data_file="/x.json", num_edits=100, limit=100, out=str(out)), {"a": 1}) is None
