@@ -34,11 +34,14 @@ from memit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
-# Null-space projectors, keyed by model, layer, statistics and threshold.
+# Null-space projectors of the last edit, keyed by model, layer, statistics and threshold
+# (float32 to halve the memory; the solve runs in float64).
 _PROJECTORS: dict[tuple, torch.Tensor] = {}
-# Accumulated K_p K_pᵀ per layer, keyed by a checksum of the edited weights they belong to.
+# Accumulated K_p K_pᵀ per layer (float32, as the reference keeps it), keyed by a checksum of
+# the edited weights they belong to: the latest edit and the one before it (so that reverting
+# the last edit and editing again continues from the earlier keys).
 _EDITED_KEYS: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
-_MAX_REMEMBERED_EDITS = 4
+_MAX_REMEMBERED_EDITS = 2
 
 
 @register
@@ -68,7 +71,7 @@ class AlphaEditEditor(Editor):
             accumulated = {}
             for layer in hp.layers:
                 keys = compute_keys(model, tok, layout, requests, layer, templates).double()
-                accumulated[layer] = keys.T @ keys + previous.get(layer, 0)
+                accumulated[layer] = (keys.T @ keys + previous.get(layer, 0)).float()
             remember_edited_keys(weights_checksum(model, names), accumulated)
         return deltas
 
@@ -78,11 +81,14 @@ class AlphaEditEditor(Editor):
             model_fingerprint(model), layout.mlp_out_name(layer), self.options.corpus or hp.mom2_dataset,
             hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype, self.options.autocast, hp.nullspace_threshold,
         )
+        wanted = {key_of(layer) for layer in hp.layers}
+        for stale in set(_PROJECTORS) - wanted:
+            del _PROJECTORS[stale]
         missing = [layer for layer in hp.layers if key_of(layer) not in _PROJECTORS]
         if missing:
             moments = second_moments(model, tok, layout, hp, missing, self.options)
             for layer in missing:
-                _PROJECTORS[key_of(layer)] = null_space_projector(moments[layer], hp.nullspace_threshold)
+                _PROJECTORS[key_of(layer)] = null_space_projector(moments[layer], hp.nullspace_threshold).float()
                 log.info("AlphaEdit layer %d: null space of dimension %d", layer, round(float(_PROJECTORS[key_of(layer)].trace())))
         return {layer: _PROJECTORS[key_of(layer)] for layer in hp.layers}
 
