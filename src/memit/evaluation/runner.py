@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import time
@@ -234,6 +235,11 @@ def _validate_batches(cases: list[Case], config: RunConfig) -> None:
             raise RunError(f"the batch starting at case {first}: {err}") from None
 
 
+def hparams_json(hparams: HyperParams) -> dict[str, Any]:
+    """Hyperparameters as they read back from params.json (tuples become lists)."""
+    return json.loads(json.dumps(hparams.to_dict()))
+
+
 def _stored_params(run_dir: Path) -> dict[str, Any]:
     return read_json(run_dir / PARAMS_FILE, what="run parameters")
 
@@ -257,7 +263,7 @@ def start_run(run_dir: Path | None, config: RunConfig, hparams: HyperParams, ext
         run_dir = new_run_dir(config.out, config.alg)
         write_json(run_dir / PARAMS_FILE, {"config": dataclasses.asdict(config), "hparams": hparams.to_dict(), **extra})
         return run_dir
-    if _stored_params(run_dir).get("hparams") != hparams.to_dict():
+    if _stored_params(run_dir).get("hparams") != hparams_json(hparams):
         raise RunError(f"continue_from_run: {run_dir} was run with other hyperparameters; start a new run")
     return run_dir
 

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.base import EditOptions, resolve_hparams
 from memit.evaluation.datasets import data_dir, default_data_file
-from memit.evaluation.runner import RUN_IDENTITY, RunConfig, list_runs, run_evaluation
+from memit.evaluation.runner import RUN_IDENTITY, RunConfig, hparams_json, list_runs, run_evaluation
 from memit.evaluation.summary import RunSummary, summarize_run
 from memit.utils.io import atomic_path, read_json
 
@@ -57,7 +57,7 @@ def run_scaling(
         config = dataclasses.replace(
             base, num_edits=n, sequential_batches=1, limit=cases_for(n, min_cases), data_file=str(data_file.resolve())
         )
-        existing = find_run(config, hp.to_dict())
+        existing = find_run(config, hparams_json(hp))
         if existing is not None:
             log.info("num_edits=%d: reusing %s", n, existing)
             config = dataclasses.replace(config, continue_from_run=str(existing))
