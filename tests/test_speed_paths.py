@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 
 import pytest
@@ -83,3 +84,16 @@ def test_fast_targets_equal_plain_across_architectures(arch, default_model):
     plain, fast = run(batch_size=1, fast=False), run(batch_size=2, fast=True)
     torch.testing.assert_close(fast.delta, plain.delta, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(fast.final_loss, plain.final_loss, atol=1e-4, rtol=1e-3)
+
+
+def test_statistics_shortcuts_change_nothing(default_model):
+    """The tokenised character prefix and the half-computed symmetric product give the same numbers."""
+    from memit.stats.second_moment import _gram, _tokenize_prefix
+
+    _, tok = default_model
+    texts = list(itertools.islice(resolve_corpus(os.environ["MEMIT_CORPUS"]).texts(), 40))
+    for max_tokens in (64, 256):
+        for text in texts:
+            assert _tokenize_prefix(tok, text, max_tokens) == tok(text, truncation=True, max_length=max_tokens)["input_ids"]
+    keys = torch.randn(300, 1536)
+    torch.testing.assert_close(_gram(keys), keys.T @ keys, atol=1e-3, rtol=1e-5)
