@@ -38,7 +38,7 @@ LABELS = {
     "neighborhood_magnitude": "Neighborhood magnitude",
     "efficacy_acc": "Efficacy acc",
     "paraphrase_acc": "Paraphrase acc",
-    "neighborhood_acc": "Neighborhood acc (specificity)",
+    "neighborhood_acc": "Neighborhood acc",
     "fluency": "Fluency (n-gram entropy)",
     "consistency": "Consistency (tf-idf)",
 }
@@ -148,6 +148,8 @@ def format_table(summary: RunSummary) -> str:
         if all(c == "-" for c in cells):
             continue
         label = LABELS[key]
+        if key == "neighborhood_acc" and config.get("dataset") == "zsre":
+            label += " (specificity)"
         if key == "consistency" and summary.consistency_tfidf and summary.consistency_tfidf != "paper":
             label += " [not the paper's idf]"
         lines.append(f"{label:<34}{cells[0]:>18}{cells[1]:>18}")
