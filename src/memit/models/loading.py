@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -101,13 +102,20 @@ def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
+# Where a model was loaded from, or by what, does not change what it computes.
+_NOT_FINGERPRINTED = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+
+
 def model_fingerprint(model: PreTrainedModel) -> str:
     """A short hash of the configuration and a strided sample of the input embeddings.
 
     Editing methods never touch the embeddings, so an edited model keeps the fingerprint of
     its base model and reuses the base model's cached statistics and context templates.
     """
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = model.config.to_dict()
+    for volatile in _NOT_FINGERPRINTED:
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         flat = model.get_input_embeddings().weight.detach().reshape(-1)
         step = max(1, flat.numel() // 65536)

@@ -1,0 +1,37 @@
+"""Loading models: the default, a GGUF file, a local folder; fingerprints."""
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from memit import load_model
+from memit.models.loading import _packaged_default_gguf, default_model_dir, model_fingerprint
+
+
+def test_default_model_is_converted_once_and_loads(default_model):
+    model, tok = default_model
+    assert (default_model_dir() / "model.safetensors").is_file()
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert tok.padding_side == "right" and tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        top = model(**ids).logits[0, -1].argmax()
+    assert tok.decode(top) == " Paris"
+
+
+def test_gguf_file_loads_to_the_same_weights_as_the_converted_default(default_model):
+    model, _ = default_model
+    from_gguf, tok = load_model(str(_packaged_default_gguf()))
+    assert tok("Hello world")["input_ids"] == default_model[1]("Hello world")["input_ids"]
+    for name in ("model.layers.4.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(from_gguf.get_parameter(name), model.get_parameter(name))
+    assert model_fingerprint(from_gguf) == model_fingerprint(model)
+
+
+def test_local_folder_loads(tmp_path, default_model):
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=49152)
+    tiny = AutoModelForCausalLM.from_config(config)
+    tiny.save_pretrained(tmp_path)
+    default_model[1].save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, tiny.model.layers[1].mlp.down_proj.weight)
+    assert model_fingerprint(loaded) == model_fingerprint(tiny) != model_fingerprint(default_model[0])
