@@ -326,6 +326,7 @@ def _run_group(
     start = time.perf_counter()
     pre = {c.case_id: _pre_metrics(model, tok, c, generation, config, pre_cache) for c in pending}
     pre_seconds = time.perf_counter() - start
+    log.info("Unedited metrics of %d cases: %.0f s; editing %d cases", len(pending), pre_seconds, len(group))
     applied: list[WeightDeltas] = []
     try:
         start = time.perf_counter()
@@ -336,6 +337,7 @@ def _run_group(
 
             applied.append(edit_model(model, tok, [c.request for c in batch], hparams, config.alg, options))
         edit_seconds = time.perf_counter() - start
+        log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
         for case in pending:
             start = time.perf_counter()
             post = evaluate_case(model, tok, case, generation, config.generation_tokens)
