@@ -89,17 +89,36 @@ def test_interrupted_run_resumes_without_recomputing(default_model, fast_hparams
     assert "Efficacy success" in table.output and "Score" in table.output
 
 
-def test_sequential_batches_evaluate_all_edits_at_the_end(default_model, fast_hparams, tmp_path):
+def test_sequential_batches_and_reuse_of_a_finished_edit(default_model, fast_hparams, tmp_path):
+    """Two batches applied one after the other, evaluated together; interrupted after the
+    first case is written, the continued run reloads the saved edits instead of editing."""
     model, tok = default_model
     before = _weights(model)
     edits: list = []
     config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, sequential_batches=2, limit=2,
                        out=str(tmp_path), skip_generation=True)
-    run_dir = run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda b: edits.append(len(b))))
+
+    def stop(path):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda b: edits.append(len(b)), on_case_done=stop))
     assert edits == [1, 1]
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    run_dir = tmp_path / "MEMIT" / "run_000"
+    assert len(list((run_dir / ".deltas").glob("*/batch_*/deltas.safetensors"))) == 2
+    first = next(run_dir.glob("case_*.json"))
+    stamp = first.stat().st_mtime_ns
+
+    edits.clear()
+    run_evaluation(dataclasses.replace(config, continue_from_run=str(run_dir)), model, tok, fast_hparams,
+                   hooks=RunHooks(on_edit=lambda b: edits.append(len(b))))
+    assert edits == []  # both saved edits were reused
+    assert first.stat().st_mtime_ns == stamp
     records = [json.loads(f.read_text()) for f in sorted(run_dir.glob("case_*.json"))]
     assert len(records) == 2
     assert all(len(r["grouped_case_ids"]) == 2 and r["sequential_batches"] == 2 for r in records)
+    assert not (run_dir / ".deltas").exists()
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 2

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,7 @@ def run_evaluation(
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
     for group in tqdm(todo, desc=f"evaluate {run_dir.name}", unit="group", disable=None):
         _run_group(model, tok, hparams, options, config, run_dir, group, generation, hooks, pre_cache)
+    shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
     return run_dir
 
 
@@ -330,12 +332,8 @@ def _run_group(
     applied: list[WeightDeltas] = []
     try:
         start = time.perf_counter()
-        for batch in _groups(group, config.num_edits):
-            if hooks.on_edit:
-                hooks.on_edit(batch)
-            from memit.api import edit_model
-
-            applied.append(edit_model(model, tok, [c.request for c in batch], hparams, config.alg, options))
+        for k, batch in enumerate(_groups(group, config.num_edits)):
+            applied.append(_edit_or_reload(model, tok, hparams, options, config, run_dir, group, k, batch, hooks))
         edit_seconds = time.perf_counter() - start
         log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
         for case in pending:
@@ -358,6 +356,42 @@ def _run_group(
     finally:
         for deltas in reversed(applied):
             deltas.revert(model)
+    shutil.rmtree(_deltas_dir(run_dir, group), ignore_errors=True)
+
+
+def _deltas_dir(run_dir: Path, group: list[Case]) -> Path:
+    return run_dir / ".deltas" / f"group_{group[0].case_id}"
+
+
+def _edit_or_reload(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    hparams: HyperParams,
+    options: EditOptions,
+    config: RunConfig,
+    run_dir: Path,
+    group: list[Case],
+    k: int,
+    batch: list[Case],
+    hooks: RunHooks,
+) -> WeightDeltas:
+    """Apply batch ``k`` of the group: the deltas saved by an interrupted attempt of this run
+    if there are any (so a killed run does not recompute a finished edit), else a new edit,
+    saved until the group's cases are all written."""
+    folder = _deltas_dir(run_dir, group) / f"batch_{k}"
+    ids = [c.case_id for c in batch]
+    if (folder / "edit_config.json").is_file():
+        saved = WeightDeltas.load(folder)
+        if [r.get("case_id") for r in saved.manifest.get("requests", [])] == ids:
+            log.info("Reusing the saved edit of cases %s..%s", ids[0], ids[-1])
+            return saved.apply(model)
+    if hooks.on_edit:
+        hooks.on_edit(batch)
+    from memit.api import edit_model
+
+    deltas = edit_model(model, tok, [c.request for c in batch], hparams, config.alg, options)
+    deltas.save(folder)
+    return deltas
 
 
 __all__ = [
