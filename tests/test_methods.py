@@ -60,6 +60,9 @@ def test_method_rewrites_a_fact_and_reverts_exactly(alg, default_model, counterf
     try:
         assert deltas.manifest["algorithm"] == alg
         assert _margin(model, tok, record) > 0
+        if alg == "FT-L":
+            bound = make_hparams(alg).norm_constraint
+            assert all(float(d.abs().max()) <= bound * (1 + 1e-5) for d in deltas.deltas.values())
     finally:
         deltas.revert(model)
     _assert_same(model, before)
@@ -74,12 +77,23 @@ def test_method_edits_an_already_edited_model(alg, default_model, counterfact_re
     hparams = make_hparams(alg)
     edits = [edit_model(model, tok, [first], hparams, algorithm=alg)]
     try:
+        if alg == "AlphaEdit":  # the second edit continues from the first one's keys
+            assert _alphaedit_remembers(model, hparams)
         edits.append(edit_model(model, tok, [second], hparams, algorithm=alg))
         assert _margin(model, tok, first) > 0 and _margin(model, tok, second) > 0
     finally:
         for deltas in reversed(edits):
             deltas.revert(model)
     _assert_same(model, before)
+    if alg == "AlphaEdit":  # the reverted model starts from an empty set of edited keys
+        assert not _alphaedit_remembers(model, hparams)
+
+
+def _alphaedit_remembers(model, hparams) -> bool:
+    from memit.editing.alphaedit.main import _EDITED_KEYS, weights_checksum
+
+    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in hparams.layers]
+    return weights_checksum(model, names) in _EDITED_KEYS
 
 
 def test_rome_applies_requests_one_after_another(default_model, counterfact_records, make_hparams):

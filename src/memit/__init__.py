@@ -2,17 +2,24 @@
 from memit.api import apply_memit_to_model, edit_model
 from memit.deltas import WeightDeltas
 from memit.editing.base import EditOptions, Editor, get_editor_class
+from memit.editing.alphaedit.hparams import AlphaEditHyperParams
+from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
 from memit.editing.memit.hparams import MEMITHyperParams
+from memit.editing.rome.hparams import ROMEHyperParams
 from memit.models import DEFAULT_MODEL, ModelLayout, load_model
 from memit.requests import EditRequest, RequestError, load_requests, parse_requests
 
 __all__ = [
+    "AlphaEditHyperParams",
     "DEFAULT_MODEL",
     "EditOptions",
     "EditRequest",
+    "FTHyperParams",
+    "FTLHyperParams",
     "Editor",
     "MEMITHyperParams",
     "ModelLayout",
+    "ROMEHyperParams",
     "RequestError",
     "WeightDeltas",
     "apply_memit_to_model",
