@@ -179,13 +179,15 @@ def _optimise(
         return layer_out + change
 
     suffix = _prepare_suffix(model, inputs, cached_layer_out, problem, subject_pos, autocast) if fast else None
-    suffix_request = seq_request
     init_kl_logprobs = None
     losses = torch.zeros(n_requests, device=device)
-    with _frozen_parameters(model), _autocast(autocast):
+    # Under autocast the weights keep requires_grad: autocast caches its bfloat16 copy of a
+    # weight only for leaves that require grad, and recasting every weight at every step cost
+    # more than the bfloat16 matmuls saved. autograd.grad below computes no weight gradients.
+    with _frozen_parameters(model, enabled=not autocast), _autocast(autocast):
         for step in range(hparams.v_num_grad_steps):
             if fast:
-                target_logp, kl_logp = _fast_logprobs(model, layout, layer, output_kind[0], suffix, delta[suffix_request])
+                target_logp, kl_logp = _fast_logprobs(model, layout, layer, output_kind[0], suffix, delta[seq_request])
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
                     target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
@@ -197,8 +199,7 @@ def _optimise(
             log.debug("step %d loss %s", step, losses.detach().cpu().numpy().round(3))
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
                 break
-            optimizer.zero_grad()
-            losses[~done].sum().backward()
+            (delta.grad,) = torch.autograd.grad(losses[~done].sum(), [delta])
             optimizer.step()
             with torch.no_grad():
                 max_norm = hparams.clamp_norm_factor * init_norm
@@ -348,8 +349,11 @@ def _last(model: PreTrainedModel, names: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def _frozen_parameters(model: PreTrainedModel):
+def _frozen_parameters(model: PreTrainedModel, enabled: bool = True):
     """No weight gradients while optimising deltas: backward then only computes activations."""
+    if not enabled:
+        yield
+        return
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
