@@ -1,7 +1,6 @@
 """The ``memit`` command line."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

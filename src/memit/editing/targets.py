@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -83,7 +81,7 @@ def compute_targets(
 ) -> TargetVectors:
     """Optimise a delta added to the output of decoder ``layer`` for every request.
 
-    ``init_module`` names the module whose output defines ``init`` and the norms used by the
+    ``init_module`` (the layer or a module inside it) names the module whose output defines ``init`` and the norms used by the
     clamp and the weight decay (the layer itself for MEMIT, its MLP for ROME).
     """
     init_module = init_module or layout.layer_name(layer)
@@ -161,7 +159,7 @@ def _optimise(
     try:
         with torch.no_grad(), _autocast(autocast):
             names = list(dict.fromkeys([layout.layer_name(layer), init_module]))
-            _, outputs = run_and_capture(model, inputs, outputs_of=names, stop_after=_last(model, names))
+            _, outputs = run_and_capture(model, inputs, outputs_of=names, stop_after=layout.layer_name(layer))
     finally:
         kind_hook.remove()
     cached_layer_out = outputs[layout.layer_name(layer)].detach()
@@ -341,11 +339,6 @@ def _fast_logprobs(
     n_targets = len(suffix.target_seq)
     target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.unsqueeze(1)).squeeze(1)
     return target_logp, log_probs[n_targets:]
-
-
-def _last(model: PreTrainedModel, names: list[str]) -> str:
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return max(names, key=lambda n: order[n])
 
 
 @contextlib.contextmanager

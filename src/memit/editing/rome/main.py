@@ -9,7 +9,6 @@ and output on the bare prompt, so that the edited weight maps k to v*.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -18,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.base import Editor, register
 from memit.editing.common import add_deltas, applied, context_templates, second_moments
 from memit.editing.context import ContextTemplates
-from memit.editing.keys import compute_keys, layer_outputs_at_subject, vectors_at_subject
+from memit.editing.keys import compute_keys, vectors_at_subject
 from memit.editing.rome.hparams import ROMEHyperParams
 from memit.editing.targets import compute_targets
 from memit.models.layout import ModelLayout
@@ -80,9 +79,8 @@ class ROMEEditor(Editor):
         left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0], moment)
         name = layout.mlp_out_name(layer)
         key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].double()
-        value = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "output")[0].double()
         # v* − W k: the weight then maps this prompt's key k to v*.
-        change = self.value_change(model, tok, layout, request, templates, layer, value)
+        change = self.value_change(model, tok, layout, request, templates, layer)
         right = change / torch.dot(key, left)
         log.info("layer %d: target change %.3f, division factor %.4f, right vector norm %.3f",
                  layer, change.norm(), torch.dot(key, left), right.norm())
@@ -96,25 +94,17 @@ class ROMEEditor(Editor):
         request: EditRequest,
         templates: ContextTemplates,
         layer: int,
-        value: torch.Tensor,
     ) -> torch.Tensor:
         """The optimised change δ of the MLP output at the subject (v* = W k + δ).
 
         Adding δ to the MLP output equals adding it to the layer output there, so the shared
-        z optimisation at ``layer`` computes it. ROME measures the clamp (‖δ‖ ≤ factor·‖v‖)
-        and the weight decay (‖δ‖/‖v‖²) against the MLP output v, while the optimisation
-        measures them against its reference vector h, the layer output: for one request,
-        rescaling the two factors by ‖v‖/‖h‖ and ‖h‖²/‖v‖² makes the objective exactly ROME's.
+        z optimisation at ``layer`` computes it, with the clamp (‖δ‖ ≤ factor·‖v‖) and the
+        weight decay (‖δ‖/‖v‖²) measured against the MLP output v as in ROME.
         """
-        hp, opts = self.hparams, self.options
-        residual = layer_outputs_at_subject(model, tok, layout, [request], layer)[0].double()
-        ratio = float(value.norm() / residual.norm())
-        scaled = dataclasses.replace(
-            hp, clamp_norm_factor=hp.clamp_norm_factor * ratio, v_weight_decay=hp.v_weight_decay / ratio**2
-        )
+        opts = self.options
         vectors = compute_targets(
-            model, tok, layout, [request], scaled, templates, layer,
-            batch_size=1, fast=opts.fast, autocast=opts.autocast,
+            model, tok, layout, [request], self.hparams, templates, layer,
+            init_module=layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
         )
         log.info("layer %d: z loss %.4f", layer, float(vectors.final_loss[0]))
         return vectors.delta[0].double()
