@@ -117,10 +117,6 @@ def demo(model_name, **edit_opts):
     deltas.revert(model)
 
 
-def run() -> None:
-    main()
-
-
 from memit.evaluation import cli as _evaluation_cli  # noqa: E402  (evaluation commands)
 
 main.add_command(_evaluation_cli.evaluate)

@@ -11,7 +11,6 @@ import torch
 
 from memit.evaluation.datasets import parse_records
 from memit.evaluation.generation import (
-    TfidfModel,
     consistency,
     fluency,
     generate_greedy,

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from memit.cli import main
-from memit.evaluation.runner import RunConfig, RunHooks, case_file, run_evaluation
+from memit.evaluation.runner import RunConfig, RunHooks, run_evaluation
 from memit.evaluation.summary import JSON_KEYS, summarize_run
 
 from ..conftest import DATA_DIR
