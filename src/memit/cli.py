@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from memit.cli_options import edit_options, edit_options_from
 from memit.utils.io import write_json
 
 
@@ -28,27 +29,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _edit_options(func):
-    """Options shared by every command that edits."""
-    options = [
-        click.option("--corpus", default=None, help="Corpus for key statistics: a .txt/.jsonl(.gz) file or a dataset name (default: $MEMIT_CORPUS, else the preset's)."),
-        click.option("--stats-dir", default=None, type=click.Path(file_okay=False), help="Where key statistics are cached (default: $MEMIT_HOME/stats)."),
-        click.option("--batch-size", default=16, show_default=True, help="Requests whose target vectors are optimised together."),
-        click.option("--plain", is_flag=True, help="Use the reference one-request-at-a-time computation."),
-        click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward passes."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def edit_options_from(corpus, stats_dir, batch_size, plain, bf16):
-    from memit.editing.base import EditOptions
-
-    options = EditOptions(stats_dir=stats_dir, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16)
-    if corpus:
-        options.corpus = corpus
-    return options
 
 
 @main.command()
@@ -59,7 +39,7 @@ def edit_options_from(corpus, stats_dir, batch_size, plain, bf16):
 @click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")
-@_edit_options
+@edit_options
 def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, **edit_opts):
     """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
     from memit.api import edit_model
@@ -94,7 +74,7 @@ DEMO_REQUESTS = [
 
 @main.command()
 @click.option("--model", "model_name", default="default", show_default=True)
-@_edit_options
+@edit_options
 def demo(model_name, **edit_opts):
     """Teach the default model that LeBron James plays football and Michael Jordan baseball."""
     from memit.api import edit_model

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from memit.cli_options import edit_options, edit_options_from
 from memit.evaluation.datasets import DATASETS
 
 log = logging.getLogger(__name__)
@@ -31,20 +32,6 @@ def _user_errors(func):
     return wrapper
 
 
-def _edit_options(func):
-    """The editing options of ``memit edit`` (corpus, statistics folder, batching, bf16)."""
-    options = [
-        click.option("--corpus", default=None, help="Corpus for key statistics (default: $MEMIT_CORPUS, else the preset's)."),
-        click.option("--stats-dir", default=None, type=click.Path(file_okay=False), help="Where key statistics are cached."),
-        click.option("--batch-size", default=16, show_default=True, help="Requests whose target vectors are optimised together."),
-        click.option("--plain", is_flag=True, help="Use the reference one-request-at-a-time computation."),
-        click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward passes."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 def _run_options(func):
     options = [
         click.option("--alg", default="MEMIT", show_default=True, help="Editing method (any registered one)."),
@@ -62,15 +49,6 @@ def _run_options(func):
     return func
 
 
-def _options_from(corpus, stats_dir, batch_size, plain, bf16):
-    from memit.editing.base import EditOptions
-
-    options = EditOptions(stats_dir=stats_dir, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16)
-    if corpus:
-        options.corpus = corpus
-    return options
-
-
 def _dataset(dataset: str | None, data_file: str | None) -> str | None:
     return dataset if dataset or data_file else "cf"
 
@@ -81,7 +59,7 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @click.option("--sequential-batches", default=1, show_default=True, help="Apply K batches one after another before evaluating them all.")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N cases.")
 @click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
-@_edit_options
+@edit_options
 @_user_errors
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
              num_edits, sequential_batches, limit, continue_from_run, **edit_opts):
@@ -95,7 +73,7 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
         skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, continue_from_run=continue_from_run,
     )
     start = time.perf_counter()
-    run_dir = run_evaluation(config, options=_options_from(**edit_opts))
+    run_dir = run_evaluation(config, options=edit_options_from(**edit_opts))
     click.echo(format_table(summarize_run(run_dir)))
     click.echo(f"Results in {run_dir} (wall time {time.perf_counter() - start:.0f} s)")
 
@@ -120,7 +98,7 @@ def summarize(run_dirs, as_json):
 @click.option("--num-edits", default="1,10,100,1000", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
-@_edit_options
+@edit_options
 @_user_errors
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
           num_edits, min_cases, plot_path, **edit_opts):
@@ -143,7 +121,7 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
     base = RunConfig(alg=alg, model=model_name, dataset=dataset, data_file=data_file, data_dir=data_dir, hparams=hparams,
                      skip_generation=skip_generation, generation_tokens=generation_tokens, out=out)
     model, tok = load_model(model_name)
-    summaries = run_scaling(base, sizes, min_cases, model, tok, options=_options_from(**edit_opts))
+    summaries = run_scaling(base, sizes, min_cases, model, tok, options=edit_options_from(**edit_opts))
     for s in summaries:
         click.echo(format_table(s) + "\n")
     path = Path(plot_path or Path(out) / alg / f"scaling_{dataset}.png")
