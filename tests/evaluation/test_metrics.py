@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -21,6 +22,7 @@ from memit.evaluation.generation import (
 )
 from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
 from memit.evaluation.metrics_zsre import evaluate_zsre_case
+from memit.evaluation.runner import GenerationResources, evaluate_case, evaluate_cases
 from memit.evaluation.summary import harmonic_mean
 
 from .helpers import nll_and_argmax
@@ -203,3 +205,17 @@ def test_generation_is_greedy_prompt_plus_continuation(tiny_model, tokenizer):
 def test_harmonic_mean():
     assert harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / (1 + 2 + 4))
     assert harmonic_mean([1.0, 0.0, 0.5]) == 0.0
+
+
+def test_cases_generated_together_match_one_at_a_time(tiny_model, tokenizer, cf_case):
+    cases = [
+        dataclasses.replace(cf_case, case_id=i, generation_prompts=prompts)
+        for i, prompts in enumerate([["The capital of France is"], ["A much longer prompt about Rome and", "Paris is"], []])
+    ]
+    resources = GenerationResources()
+    together = {case.case_id: metrics for case, metrics, _ in evaluate_cases(tiny_model, tokenizer, cases, resources, 6)}
+    for case in cases:
+        alone = evaluate_case(tiny_model, tokenizer, case, resources, 6)
+        assert together[case.case_id].get("generated_texts") == alone.get("generated_texts")
+        assert together[case.case_id].get("fluency") == alone.get("fluency")
+    assert "fluency" not in together[2] and len(together[1]["generated_texts"]) == 2
