@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import os
 
@@ -51,6 +52,23 @@ def test_batch_equals_each_alone(setup):
     for i, request in enumerate(requests):
         alone = _targets(setup, [request], batch_size=1, fast=True)
         torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
+
+
+def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(setup, monkeypatch):
+    from memit.editing import targets
+
+    requests = setup[-1]
+    model, tok, layout, hparams, templates, _ = setup
+    first_loss = compute_targets(model, tok, layout, requests, dataclasses.replace(hparams, v_num_grad_steps=1), templates, Z_LAYER).final_loss
+    assert abs(first_loss[0] - first_loss[1]) > 0.1
+    # A threshold between the two initial losses stops one request at step 0 and not the other.
+    monkeypatch.setattr(targets, "EARLY_STOP_LOSS", float(first_loss.mean()))
+    stopped = int(first_loss.argmin())
+    together = _targets(setup, requests, batch_size=len(requests), fast=True)
+    plain = _targets(setup, requests, batch_size=1, fast=False)
+    assert together.delta[stopped].abs().max() == 0 and together.delta[1 - stopped].abs().max() > 0.1
+    torch.testing.assert_close(together.delta, plain.delta, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(together.final_loss, plain.final_loss, atol=1e-3, rtol=1e-3)
 
 
 def test_one_pass_statistics_equal_per_layer_passes(default_model):

@@ -177,27 +177,41 @@ def _optimise(
         return layer_out + change
 
     suffix = _prepare_suffix(model, inputs, cached_layer_out, problem, subject_pos, autocast) if fast else None
+    active_suffix = None
     init_kl_logprobs = None
     losses = torch.zeros(n_requests, device=device)
+    target_seq = problem.target_seq.to(device)
     # Under autocast the weights keep requires_grad: autocast caches its bfloat16 copy of a
     # weight only for leaves that require grad, and recasting every weight at every step cost
     # more than the bfloat16 matmuls saved. autograd.grad below computes no weight gradients.
     with _frozen_parameters(model, enabled=not autocast), _autocast(autocast):
         for step in range(hparams.v_num_grad_steps):
+            active = ~done
+            seq_active = active[seq_request]
+            target_active = seq_active[target_seq]
             if fast:
-                target_logp, kl_logp = _fast_logprobs(model, layout, layer, output_kind[0], suffix, delta[seq_request])
+                # Requests that met the early-stop loss leave the batch: their deltas are final.
+                if active_suffix is None or len(active_suffix.input_ids) != int(seq_active.sum()):
+                    active_suffix = suffix.select(seq_active)
+                target_logp, kl_logp = _fast_logprobs(
+                    model, layout, layer, output_kind[0], active_suffix, delta[seq_request[seq_active]]
+                )
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
                     target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
+                target_logp, kl_logp = target_logp[target_active], kl_logp[active]
             if init_kl_logprobs is None:
                 init_kl_logprobs = kl_logp.detach().clone()
-            losses = _loss_per_request(target_logp, kl_logp, init_kl_logprobs, problem, delta, init_norm, hparams, n_requests)
-            done |= losses.detach() < EARLY_STOP_LOSS
+            active_losses = _loss_per_request(
+                target_logp, kl_logp, init_kl_logprobs[active], problem, target_active, active, delta, init_norm, hparams
+            )
+            losses[active] = active_losses.detach()
+            done |= losses < EARLY_STOP_LOSS
             frozen[done] = delta.detach()[done]
-            log.debug("step %d loss %s", step, losses.detach().cpu().numpy().round(3))
+            log.debug("step %d loss %s", step, losses.cpu().numpy().round(3))
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
                 break
-            (delta.grad,) = torch.autograd.grad(losses[~done].sum(), [delta])
+            (delta.grad,) = torch.autograd.grad(active_losses[~done[active]].sum(), [delta])
             optimizer.step()
             with torch.no_grad():
                 max_norm = hparams.clamp_norm_factor * init_norm
@@ -214,20 +228,25 @@ def _loss_per_request(
     kl_logp: torch.Tensor,
     init_kl_logp: torch.Tensor,
     problem: _Problem,
+    target_active: torch.Tensor,
+    active: torch.Tensor,
     delta: torch.Tensor,
     init_norm: torch.Tensor,
     hparams: ZOptimizationParams,
-    n_requests: int,
 ) -> torch.Tensor:
+    """The loss of each ``active`` request from the log-probabilities of its target tokens
+    (``target_active`` marks them among all) and of its KL prompt."""
     device = target_logp.device
+    n_requests = len(active)
     n_seq = len(problem.seq_request)
-    per_seq = torch.zeros(n_seq, device=device, dtype=torch.float32).index_add(0, problem.target_seq.to(device), -target_logp.float())
+    target_seq = problem.target_seq.to(device)[target_active]
+    per_seq = torch.zeros(n_seq, device=device, dtype=torch.float32).index_add(0, target_seq, -target_logp.float())
     n_rewrite = n_requests * problem.prompts_per_request
     per_seq = per_seq[:n_rewrite] / problem.target_len.to(device)[problem.seq_request[:n_rewrite].to(device)]
-    nll = per_seq.view(n_requests, problem.prompts_per_request).mean(1)
+    nll = per_seq.view(n_requests, problem.prompts_per_request).mean(1)[active]
     # kl_div(input=init, target=current) as in the reference: sum p_cur (log p_cur - log p_init).
     kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)
-    weight_decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm**2
+    weight_decay = hparams.v_weight_decay * delta[active].norm(dim=-1) / init_norm[active] ** 2
     return nll + hparams.kl_factor * kl + weight_decay
 
 
@@ -253,6 +272,24 @@ class _Suffix:
     target_col: torch.Tensor  # suffix column of each target token's logits
     target_tok: torch.Tensor
     kl_seq: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> "_Suffix":
+        """The sequences marked in ``rows``, with their target and KL entries renumbered."""
+        if bool(rows.all()):
+            return self
+        new_index = torch.cumsum(rows, 0) - 1
+        targets = rows[self.target_seq]
+        return _Suffix(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            position_ids=self.position_ids[rows],
+            layer_out=self.layer_out[rows],
+            prefix_cache=None if self.prefix_cache is None else [(k[rows], v[rows]) for k, v in self.prefix_cache],
+            target_seq=new_index[self.target_seq[targets]],
+            target_col=self.target_col[targets],
+            target_tok=self.target_tok[targets],
+            kl_seq=new_index[self.kl_seq[rows[self.kl_seq]]],
+        )
 
 
 def _prepare_suffix(
