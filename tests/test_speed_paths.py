@@ -54,6 +54,15 @@ def test_batch_equals_each_alone(setup):
         torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
 
 
+def test_results_keep_request_order_when_batches_are_sorted_by_length(setup, counterfact_records):
+    requests = parse_requests(counterfact_records[:3])  # suffix lengths differ: batches are reordered
+    batched = _targets(setup, requests, batch_size=2, fast=True)
+    for i, request in enumerate(requests):
+        alone = _targets(setup, [request], batch_size=1, fast=True)
+        torch.testing.assert_close(batched.init[i : i + 1], alone.init, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
+
+
 def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(setup, monkeypatch):
     from memit.editing import targets
 
@@ -115,3 +124,15 @@ def test_statistics_shortcuts_change_nothing(default_model):
             assert _tokenize_prefix(tok, text, max_tokens) == tok(text, truncation=True, max_length=max_tokens)["input_ids"]
     keys = torch.randn(300, 1536)
     torch.testing.assert_close(_gram(keys), keys.T @ keys, atol=1e-3, rtol=1e-5)
+
+
+def test_bfloat16_autocast_targets_are_close_and_the_model_is_left_as_it_was(setup):
+    model = setup[0]
+    requests = setup[-1]
+    attention = model.config._attn_implementation
+    full = _targets(setup, requests, batch_size=len(requests), fast=True)
+    reduced = _targets(setup, requests, batch_size=len(requests), fast=True, autocast=True)
+    assert model.config._attn_implementation == attention
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert (reduced.delta - full.delta).norm() / full.delta.norm() < 0.1
+    torch.testing.assert_close(reduced.final_loss, full.final_loss, atol=0.1, rtol=0.05)
