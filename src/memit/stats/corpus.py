@@ -98,10 +98,10 @@ def model_sample_corpus(model: PreTrainedModel, tok: PreTrainedTokenizerBase, le
         start = tok.bos_token or tok.eos_token
         while True:
             torch.manual_seed(next(generator_seed))
-            ids = tok([start] * batch, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+            prompt = tok([start] * batch, return_tensors="pt", add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=ids, do_sample=True, top_k=50, max_new_tokens=length, pad_token_id=tok.pad_token_id
+                    **prompt, do_sample=True, top_k=50, max_new_tokens=length, pad_token_id=tok.pad_token_id
                 )
             yield from tok.batch_decode(out[:, 1:], skip_special_tokens=True)
 
