@@ -45,6 +45,24 @@ def test_summary_means_std_and_score(tmp_path):
     assert harmonic_mean(means) == pytest.approx(s.score("post"))
 
 
+def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
+    one = _make_run(tmp_path / "run_000", 2, [(_cf(0.0, 0.0, 1.0, 5.0), _cf(1.0, 0.5, 0.5, 4.0))] * 2)
+    seq = _make_run(tmp_path / "run_001", 1, [(_cf(0.0, 0.0, 1.0, 5.0), _cf(1.0, 1.0, 1.0, 3.0))])
+    params = json.loads((seq / "params.json").read_text())
+    params["config"]["sequential_batches"] = 10
+    (seq / "params.json").write_text(json.dumps(params))
+    for case, seconds in ((one / "case_0.json", 3.0), (one / "case_1.json", 4.0)):
+        record = json.loads(case.read_text())
+        record.update(grouped_case_ids=[0, 1], time={"edit_seconds": 30.0, "post_seconds": seconds})
+        case.write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["summarize", "--compare", str(one), str(seq)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[2] == "| unedited | - | 2 | 0.0 | 0.0 | 100.0 | 0.0 | 500.0 | - | - |"
+    assert lines[3] == "| MEMIT | 2 | 2 | 100.0 | 50.0 | 50.0 | 60.0 | 400.0 | 30 | 7 |"
+    assert lines[4].startswith("| MEMIT | 10 x 1 sequential | 1 | 100.0 | 100.0 | 100.0 | 100.0 | 300.0 |")
+
+
 def test_summarize_json_for_zsre_has_null_success(tmp_path):
     zs = {"efficacy_acc": 0.5, "paraphrase_acc": 0.25, "neighborhood_acc": 1.0}
     run = _make_run(tmp_path / "run_000", 1, [(zs, {**zs, "efficacy_acc": 1.0})], dataset="zsre")

@@ -81,14 +81,17 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of tables.")
+@click.option("--compare", is_flag=True, help="Print one Markdown table with a row per run (post-edit means) instead.")
 @_user_errors
-def summarize(run_dirs, as_json):
+def summarize(run_dirs, as_json, compare):
     """Mean ± std of each metric over the cases of each run, before (pre) and after (post)."""
-    from memit.evaluation.summary import format_table, summaries_json, summarize_run
+    from memit.evaluation.summary import format_comparison, format_table, summaries_json, summarize_run
 
     summaries = [summarize_run(d) for d in run_dirs]
     if as_json:
         click.echo(summaries_json(summaries))
+    elif compare:
+        click.echo(format_comparison(summaries))
     else:
         click.echo("\n\n".join(format_table(s) for s in summaries))
 

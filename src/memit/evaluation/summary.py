@@ -60,6 +60,8 @@ class RunSummary:
     num_cases: int
     stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
     consistency_tfidf: str | None = None
+    edit_seconds: float = 0.0  # summed over the run's groups
+    post_seconds: float = 0.0  # scoring the edited model, summed over cases
 
     def score(self, phase: str) -> float | None:
         means = [self.stats[phase].get(k) for k in SUCCESS_KEYS]
@@ -123,6 +125,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
             values = [r[phase][key] for r in records if r.get(phase, {}).get(key) is not None]
             if values:
                 summary.stats[phase][key] = Stat(statistics.fmean(values), statistics.pstdev(values), len(values))
+    groups = {tuple(r.get("grouped_case_ids", [r.get("case_id")])): r.get("time", {}).get("edit_seconds", 0.0) for r in records}
+    summary.edit_seconds = sum(groups.values())
+    summary.post_seconds = sum(r.get("time", {}).get("post_seconds", 0.0) for r in records)
     sources = {r["post"].get("consistency_tfidf") for r in records if r.get("post", {}).get("consistency_tfidf")}
     summary.consistency_tfidf = ",".join(sorted(sources)) or None
     return summary
@@ -156,8 +161,30 @@ def format_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+COMPARED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency")
+
+
+def format_comparison(summaries: list[RunSummary]) -> str:
+    """One Markdown row per run (post-edit means x 100), after a row for the unedited model
+    (the first run's pre values), with the seconds spent editing and scoring."""
+    def cells(summary: RunSummary, phase: str) -> list[str]:
+        values = [summary.value(phase, key) for key in COMPARED]
+        return ["-" if v is None else f"{100 * v:.1f}" for v in values]
+
+    head = ["method", "edits", "cases", "efficacy", "paraphrase", "neighborhood", "Score", "fluency", "edit s", "scoring s"]
+    rows = [head, ["---"] * 3 + ["---:"] * (len(head) - 3)]
+    if summaries:
+        rows.append(["unedited", "-", str(summaries[0].num_cases), *cells(summaries[0], "pre"), "-", "-"])
+    for s in summaries:
+        config = s.params.get("config", {})
+        batches = config.get("sequential_batches", 1)
+        edits = f"{config.get('num_edits')}" if batches == 1 else f"{batches} x {config.get('num_edits')} sequential"
+        rows.append([str(config.get("alg")), edits, str(s.num_cases), *cells(s, "post"), f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
 def summaries_json(summaries: list[RunSummary]) -> str:
     return json.dumps([s.to_json() for s in summaries], indent=2)
 
 
-__all__ = ["RunSummary", "Stat", "format_table", "harmonic_mean", "summaries_json", "summarize_run"]
+__all__ = ["RunSummary", "Stat", "format_comparison", "format_table", "harmonic_mean", "summaries_json", "summarize_run"]
