@@ -84,7 +84,7 @@ def write_over_layers(
             weight = layout.mlp_out(model, layer).weight
             delta = layout.as_weight(update).float()
             log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f",
-                     layer, residual.norm(), update.norm(), weight.norm())
+                     layer, float(residual.norm()), float(update.norm()), float(weight.detach().norm()))
             with torch.no_grad():
                 weight.add_(delta.to(weight.dtype))
             deltas[layout.weight_name(layer)] = delta
