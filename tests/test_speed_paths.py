@@ -134,5 +134,7 @@ def test_bfloat16_autocast_targets_are_close_and_the_model_is_left_as_it_was(set
     reduced = _targets(setup, requests, batch_size=len(requests), fast=True, autocast=True)
     assert model.config._attn_implementation == attention
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert (reduced.delta - full.delta).norm() / full.delta.norm() < 0.1
+    # Adam's first steps are nearly sign steps, so compare directions rather than elements.
+    assert torch.nn.functional.cosine_similarity(reduced.delta, full.delta).min() > 0.97
+    assert (reduced.init - full.init).norm() / full.init.norm() < 0.05
     torch.testing.assert_close(reduced.final_loss, full.final_loss, atol=0.1, rtol=0.05)
