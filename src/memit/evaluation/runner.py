@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
 _RUN = re.compile(r"run_(\d+)$")
-# Parameters that must agree for a run to be continued.
 # Generated texts of this many cases (about 10 prompts each) are decoded together.
 CASES_PER_GENERATION_BATCH = 12
 GENERATION_BATCH = 128
+# Parameters that must agree for a run to be continued.
 RUN_IDENTITY = ("alg", "model", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
 
 
