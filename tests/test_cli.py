@@ -5,6 +5,8 @@ from click.testing import CliRunner
 
 from memit import WeightDeltas
 from memit.cli import main
+from memit.models import load_model
+from memit.predict import top_next_tokens
 
 
 def test_edit_reports_before_and_after_and_saves_deltas(tmp_path, default_hparams):
@@ -26,6 +28,18 @@ def test_edit_reports_before_and_after_and_saves_deltas(tmp_path, default_hparam
     assert entry["post"]["target_true_prob"] < entry["pre"]["target_true_prob"]
     assert [t["token"] for t in entry["post"]["top_tokens"]][0] == " football"
     assert WeightDeltas.load(saved).manifest["requests"][0]["subject"] == "LeBron James"
+
+    # A second edit on top of the saved one: the saved model knows both new facts.
+    requests.write_text(json.dumps([
+        {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": "baseball"}},
+    ]))
+    result = CliRunner().invoke(main, [
+        "edit", "--requests", str(requests), "--hparams", str(hparams), "--on-top-of", str(saved), "--save", str(tmp_path / "model"),
+    ])
+    assert result.exit_code == 0, result.output
+    model, tok = load_model(str(tmp_path / "model"))
+    for subject, sport in [("LeBron James", " football"), ("Michael Jordan", " baseball")]:
+        assert top_next_tokens(model, tok, f"{subject} plays the sport of", k=1)[0][0] == sport, subject
 
 
 def test_bad_requests_file_is_a_clear_error(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memit import edit_model, get_editor_class
+from memit import WeightDeltas, edit_model, get_editor_class
 from memit.editing.hparams import HyperParamsError, list_presets
 from memit.predict import score_continuations
 
@@ -69,31 +69,38 @@ def test_method_rewrites_a_fact_and_reverts_exactly(alg, default_model, counterf
 
 
 @pytest.mark.parametrize("alg", ["ROME", "AlphaEdit"])
-def test_method_edits_an_already_edited_model(alg, default_model, counterfact_records, make_hparams):
-    """Sequential editing: a second batch on top of the first keeps both facts."""
+def test_method_edits_an_already_edited_model(alg, default_model, counterfact_records, make_hparams, tmp_path):
+    """Sequential editing: a second batch on top of the first (saved and loaded again, as a
+    resumed run or ``memit edit --on-top-of`` does) keeps both facts."""
     model, tok = default_model
     first, second = counterfact_records[1], counterfact_records[2]
     before = _snapshot(model)
     hparams = make_hparams(alg)
     edits = [edit_model(model, tok, [first], hparams, algorithm=alg)]
     try:
-        if alg == "AlphaEdit":  # the second edit continues from the first one's keys
-            assert _alphaedit_remembers(model, hparams)
-        edits.append(edit_model(model, tok, [second], hparams, algorithm=alg))
+        edits[0].save(tmp_path / "first")
+        edits[0].revert(model)
+        edits[0] = WeightDeltas.load(tmp_path / "first").apply(model)
+        if alg == "AlphaEdit":  # the edited keys, one row per request, travel with the edit
+            width = model.get_parameter(f"model.layers.{hparams.layers[0]}.mlp.down_proj.weight").shape[1]
+            assert {name: tuple(k.shape) for name, k in edits[0].state.items()} == {
+                f"keys.layer{layer}": (1, width) for layer in hparams.layers
+            }
+        edits.append(edit_model(model, tok, [second], hparams, algorithm=alg, earlier=edits))
         assert _margin(model, tok, first) > 0 and _margin(model, tok, second) > 0
     finally:
         for deltas in reversed(edits):
             deltas.revert(model)
     _assert_same(model, before)
-    if alg == "AlphaEdit":  # the reverted model starts from an empty set of edited keys
-        assert not _alphaedit_remembers(model, hparams)
 
 
-def _alphaedit_remembers(model, hparams) -> bool:
-    from memit.editing.alphaedit.main import _EDITED_KEYS, weights_checksum
-
-    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in hparams.layers]
-    return weights_checksum(model, names) in _EDITED_KEYS
+def test_alphaedit_refuses_to_preserve_an_edit_without_keys(default_model, counterfact_records, make_hparams):
+    model, tok = default_model
+    before = _snapshot(model)
+    memit_edit = WeightDeltas({}, {"algorithm": "MEMIT"})
+    with pytest.raises(ValueError, match=r"earlier\[0\]: this MEMIT edit kept no keys for layer 4"):
+        edit_model(model, tok, [counterfact_records[1]], make_hparams("AlphaEdit"), algorithm="AlphaEdit", earlier=[memit_edit])
+    _assert_same(model, before)
 
 
 def test_rome_applies_requests_one_after_another(default_model, counterfact_records, make_hparams):
@@ -125,6 +132,10 @@ def test_alphaedit_update_stays_in_the_null_space():
     assert torch.allclose(update @ projector, update, atol=1e-10)
     preserved = basis[:, 6:]
     assert (update @ preserved).abs().max() < 1e-10
+    # Keys of earlier edits (in the null space too) get a much smaller change than without them.
+    earlier_keys = 10 * torch.randn(4, 6).double() @ basis[:, :6].T
+    protected = solve_projected_update(keys, residual, projector, earlier_keys.T @ earlier_keys, 1.0)
+    assert (protected @ earlier_keys.T).norm() < 0.1 * (update @ earlier_keys.T).norm()
 
 
 def test_presets_exist_for_every_method():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy as copy_module
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,15 +23,17 @@ def edit_model(
     hparams: HyperParams | str | Path | Mapping | None = None,
     algorithm: str = "MEMIT",
     options: EditOptions | None = None,
+    earlier: Sequence[WeightDeltas] = (),
     **option_overrides: Any,
 ) -> WeightDeltas:
     """Edit ``model`` in place and return the applied :class:`WeightDeltas` (``.revert(model)``
     undoes the edit exactly; ``.save(dir)`` keeps it). ``hparams`` is an object, a dict, a
-    JSON file, a preset name, or None for the preset of the model's name."""
+    JSON file, a preset name, or None for the preset of the model's name. ``earlier``: the
+    edits already applied to ``model``, oldest first, which AlphaEdit preserves."""
     editor_cls = get_editor_class(algorithm)
     options = options or EditOptions(**option_overrides)
     editor = editor_cls(resolve_hparams(algorithm, hparams, model), options)
-    return editor.edit(model, tok, requests)
+    return editor.edit(model, tok, requests, earlier)
 
 
 def apply_memit_to_model(

@@ -29,8 +29,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-
-
 @main.command()
 @click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
 @click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False), help="JSON list of requests.")
@@ -39,19 +37,26 @@ def main(verbose: int) -> None:
 @click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")
+@click.option(
+    "--on-top-of", "earlier_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
+    help="Saved deltas (from --save DIR --deltas-only) to apply first, oldest first; repeatable. "
+    "The new edit is made on top of them, and AlphaEdit preserves them.",
+)
 @edit_options
-def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, **edit_opts):
+def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, **edit_opts):
     """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
     from memit.api import edit_model
     from memit.cli_report import describe_predictions, print_report
+    from memit.deltas import WeightDeltas
     from memit.models import load_model
     from memit.requests import check_tokenization, load_requests
 
     requests = load_requests(requests_file)
     model, tok = load_model(model_name)
     check_tokenization(requests, tok)
+    earlier = [WeightDeltas.load(folder).apply(model) for folder in earlier_dirs]
     before = describe_predictions(model, tok, requests)
-    deltas = edit_model(model, tok, requests, hparams, alg, options=edit_options_from(**edit_opts))
+    deltas = edit_model(model, tok, requests, hparams, alg, options=edit_options_from(**edit_opts), earlier=earlier)
     after = describe_predictions(model, tok, requests)
     print_report(requests, before, after)
     if report:

@@ -1,7 +1,8 @@
 """Weight changes made by an edit: applied, reverted bit for bit, saved and loaded.
 
 Saved the Hugging Face way: a folder with ``deltas.safetensors`` and ``edit_config.json``
-(algorithm, hyperparameters, requests, model fingerprint).
+(algorithm, hyperparameters, requests, model fingerprint), plus ``edit_state.safetensors``
+when the method keeps tensors with its edit for later edits (AlphaEdit: the edited keys).
 """
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "deltas.safetensors"
 CONFIG_FILE = "edit_config.json"
+STATE_FILE = "edit_state.safetensors"
 
 
 @dataclass
 class WeightDeltas:
-    """``deltas`` maps parameter names to additive changes in the parameter's own shape."""
+    """``deltas`` maps parameter names to additive changes in the parameter's own shape;
+    ``state`` holds what the method needs to know of this edit when editing on top of it."""
 
     deltas: dict[str, torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -66,8 +70,13 @@ class WeightDeltas:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / WEIGHTS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in self.deltas.items()}, str(tmp))
+        files = {WEIGHTS_FILE: self.deltas, **({STATE_FILE: self.state} if self.state else {})}
+        for name, tensors in files.items():
+            with atomic_path(directory / name) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        if not self.state:  # from an earlier save into this folder
+            (directory / STATE_FILE).unlink(missing_ok=True)
+        # Written last: a folder with a config is complete.
         write_json(directory / CONFIG_FILE, self.manifest)
 
     @classmethod
@@ -76,7 +85,8 @@ class WeightDeltas:
         if not (directory / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"deltas: {directory / WEIGHTS_FILE} does not exist")
         manifest = read_json(directory / CONFIG_FILE, what="edit config")
-        return cls(load_file(str(directory / WEIGHTS_FILE)), manifest)
+        state = load_file(str(directory / STATE_FILE)) if (directory / STATE_FILE).is_file() else {}
+        return cls(load_file(str(directory / WEIGHTS_FILE)), manifest, state)
 
     def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())

@@ -5,7 +5,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,9 +47,27 @@ class Editor(ABC):
 
     @abstractmethod
     def compute_deltas(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> dict[str, torch.Tensor]:
-        """Parameter name -> additive change; ``model`` is left as it was."""
+        """Parameter name -> additive change; ``model`` is left as it was. ``earlier``: the
+        edits already applied to ``model``, for methods that protect them."""
+
+    def edit_state(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas],
+    ) -> dict[str, torch.Tensor]:
+        """Tensors that later edits need from this one, computed on the edited ``model``
+        (kept in :attr:`WeightDeltas.state`); none by default."""
+        return {}
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
         hp = self.hparams
@@ -62,13 +80,18 @@ class Editor(ABC):
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Iterable[Mapping[str, Any] | EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> WeightDeltas:
-        """Validate ``requests``, compute the deltas, apply them to ``model`` and return them."""
+        """Validate ``requests``, compute the deltas, apply them to ``model`` and return them.
+
+        ``earlier``: edits already applied to ``model`` (oldest first) that this one should
+        preserve; AlphaEdit keeps its update away from their keys, other methods ignore them.
+        """
         requests = parse_requests(requests)
         check_tokenization(requests, tok)
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
-        deltas = self.compute_deltas(model, tok, layout, requests)
+        deltas = self.compute_deltas(model, tok, layout, requests, earlier)
         manifest = {
             "algorithm": self.name,
             "hparams": self.hparams.to_dict(),
@@ -76,7 +99,9 @@ class Editor(ABC):
             "model_fingerprint": model_fingerprint(model),
             "model_name": getattr(model.config, "_name_or_path", ""),
         }
-        return WeightDeltas(deltas, manifest).apply(model)
+        edit = WeightDeltas(deltas, manifest).apply(model)
+        edit.state = self.edit_state(model, tok, layout, requests, earlier)
+        return edit
 
 
 EDITORS: dict[str, type[Editor]] = {}

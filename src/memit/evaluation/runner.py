@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
-from memit.editing.base import EditOptions, get_editor_class, resolve_hparams
+from memit.editing.base import EditOptions, Editor, get_editor_class, resolve_hparams
 from memit.editing.hparams import HyperParams
 from memit.evaluation.datasets import Case, CounterFactCase, ZsreCase, data_dir, load_cases
 from memit.evaluation.generation import (
@@ -344,8 +344,10 @@ def run_evaluation(
     todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
     log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
+    # One editor for the whole run, so that what it derives from the statistics is reused.
+    editor = get_editor_class(config.alg)(hparams, options)
     for group in tqdm(todo, desc=f"evaluate {run_dir.name}", unit="group", disable=None):
-        _run_group(model, tok, hparams, options, config, run_dir, group, generation, hooks, pre_cache)
+        _run_group(model, tok, editor, config, run_dir, group, generation, hooks, pre_cache)
     shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
     return run_dir
 
@@ -353,8 +355,7 @@ def run_evaluation(
 def _run_group(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
-    hparams: HyperParams,
-    options: EditOptions,
+    editor: Editor,
     config: RunConfig,
     run_dir: Path,
     group: list[Case],
@@ -372,7 +373,7 @@ def _run_group(
     try:
         start = time.perf_counter()
         for k, batch in enumerate(_groups(group, config.num_edits)):
-            applied.append(_edit_or_reload(model, tok, hparams, options, config, run_dir, group, k, batch, hooks))
+            applied.append(_edit_or_reload(model, tok, editor, run_dir, group, k, batch, applied, hooks))
         edit_seconds = time.perf_counter() - start
         log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
         for case, post, seconds in evaluate_cases(model, tok, pending, generation, config.generation_tokens):
@@ -403,18 +404,17 @@ def _deltas_dir(run_dir: Path, group: list[Case]) -> Path:
 def _edit_or_reload(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
-    hparams: HyperParams,
-    options: EditOptions,
-    config: RunConfig,
+    editor: Editor,
     run_dir: Path,
     group: list[Case],
     k: int,
     batch: list[Case],
+    earlier: list[WeightDeltas],
     hooks: RunHooks,
 ) -> WeightDeltas:
-    """Apply batch ``k`` of the group: the deltas saved by an interrupted attempt of this run
-    if there are any (so a killed run does not recompute a finished edit), else a new edit,
-    saved until the group's cases are all written."""
+    """Apply batch ``k`` of the group on top of the ``earlier`` batches: the deltas saved by
+    an interrupted attempt of this run if there are any (so a killed run does not recompute a
+    finished edit), else a new edit, saved until the group's cases are all written."""
     folder = _deltas_dir(run_dir, group) / f"batch_{k}"
     ids = [c.case_id for c in batch]
     if (folder / "edit_config.json").is_file():
@@ -424,9 +424,7 @@ def _edit_or_reload(
             return saved.apply(model)
     if hooks.on_edit:
         hooks.on_edit(batch)
-    from memit.api import edit_model
-
-    deltas = edit_model(model, tok, [c.request for c in batch], hparams, config.alg, options)
+    deltas = editor.edit(model, tok, [c.request for c in batch], earlier)
     deltas.save(folder)
     return deltas
 

@@ -6,27 +6,25 @@ knowledge hardly uses), and the update solves, in float64,
 
     (P (K Kᵀ + K_p K_pᵀ) + L2·I) X = P K,    ΔW = R Xᵀ
 
-with K the new keys, R the layer's residuals and K_p the keys of edits made earlier on
+with K the new keys, R the layer's residuals and K_p the keys of the edits made earlier on
 this model (sequential editing). ΔW = R Kᵀ P (…)⁻ᵀ lies in the null space: it leaves the
 outputs of keys in C's principal subspace (almost) unchanged.
 
-Earlier edits are recognised by the edited weights they produced: after each edit the
-editor remembers, under a checksum of the resulting weights, the accumulated K_p K_pᵀ; a
-later edit of a model with exactly those weights continues from it, any other model
-(a fresh one, or one whose edits were reverted) starts from zero.
+Each edit keeps its keys, recomputed on the edited model as the reference does, in its
+:attr:`WeightDeltas.state`; an edit made on top of earlier ones gets them through ``earlier``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import OrderedDict
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
-from memit.editing.base import Editor, register
-from memit.editing.common import applied, context_templates, layer_targets, second_moments, write_over_layers
+from memit.editing.base import EditOptions, Editor, register
+from memit.editing.common import context_templates, layer_targets, second_moments, write_over_layers
 from memit.editing.keys import compute_keys
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
@@ -34,14 +32,9 @@ from memit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
-# Null-space projectors of the last edit, keyed by model, layer, statistics and threshold
-# (float32 to halve the memory; the solve runs in float64).
-_PROJECTORS: dict[tuple, torch.Tensor] = {}
-# Accumulated K_p K_pᵀ per layer (float32, as the reference keeps it), keyed by a checksum of
-# the edited weights they belong to: the latest edit and the one before it (so that reverting
-# the last edit and editing again continues from the earlier keys).
-_EDITED_KEYS: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
-_MAX_REMEMBERED_EDITS = 2
+
+def keys_state_name(layer: int) -> str:
+    return f"keys.layer{layer}"
 
 
 @register
@@ -50,30 +43,47 @@ class AlphaEditEditor(Editor):
     hparams_class = AlphaEditHyperParams
     hparams: AlphaEditHyperParams
 
+    def __init__(self, hparams: AlphaEditHyperParams, options: EditOptions | None = None):
+        super().__init__(hparams, options)
+        # Null-space projectors (float32 to halve the memory; the solve runs in float64), kept
+        # so that the batches of a sequential run decompose C once.
+        self._projectors: dict[tuple, torch.Tensor] = {}
+
     def compute_deltas(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        names = [layout.weight_name(layer) for layer in hp.layers]
         projectors = self.projectors(model, tok, layout)
-        previous = _EDITED_KEYS.get(weights_checksum(model, names), {})
-        if previous:
-            log.info("AlphaEdit: continuing from the keys of earlier edits of this model")
+        preserved = {layer: earlier_keys_gram(earlier, layer) for layer in hp.layers}
+        if earlier:
+            log.info("AlphaEdit: preserving the keys of %d earlier edit(s)", len(earlier))
         templates = context_templates(model, tok, hp, self.options)
         targets = layer_targets(model, tok, layout, requests, hp, templates, self.options)
 
         def solve(i: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-            return solve_projected_update(keys, residual, projectors[layer], previous.get(layer), hp.L2)
+            return solve_projected_update(keys, residual, projectors[layer], preserved[layer], hp.L2)
 
-        deltas = write_over_layers(model, tok, layout, requests, hp.layers, targets, templates, solve)
-        # The edited keys join K_p: recomputed on the edited model, as the reference does.
-        with applied(model, deltas):
-            accumulated = {}
-            for layer in hp.layers:
-                keys = compute_keys(model, tok, layout, requests, layer, templates).double()
-                accumulated[layer] = (keys.T @ keys + previous.get(layer, 0)).float()
-            remember_edited_keys(weights_checksum(model, names), accumulated)
-        return deltas
+        return write_over_layers(model, tok, layout, requests, hp.layers, targets, templates, solve)
+
+    def edit_state(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas],
+    ) -> dict[str, torch.Tensor]:
+        """The edited keys, which later edits must preserve."""
+        templates = context_templates(model, tok, self.hparams, self.options)
+        return {
+            keys_state_name(layer): compute_keys(model, tok, layout, requests, layer, templates).float().cpu()
+            for layer in self.hparams.layers
+        }
 
     def projectors(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout) -> dict[int, torch.Tensor]:
         hp = self.hparams
@@ -81,16 +91,29 @@ class AlphaEditEditor(Editor):
             model_fingerprint(model), layout.mlp_out_name(layer), self.options.corpus or hp.mom2_dataset,
             hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype, self.options.autocast, hp.nullspace_threshold,
         )
-        wanted = {key_of(layer) for layer in hp.layers}
-        for stale in set(_PROJECTORS) - wanted:
-            del _PROJECTORS[stale]
-        missing = [layer for layer in hp.layers if key_of(layer) not in _PROJECTORS]
+        missing = [layer for layer in hp.layers if key_of(layer) not in self._projectors]
         if missing:
             moments = second_moments(model, tok, layout, hp, missing, self.options)
             for layer in missing:
-                _PROJECTORS[key_of(layer)] = null_space_projector(moments[layer], hp.nullspace_threshold).float()
-                log.info("AlphaEdit layer %d: null space of dimension %d", layer, round(float(_PROJECTORS[key_of(layer)].trace())))
-        return {layer: _PROJECTORS[key_of(layer)] for layer in hp.layers}
+                projector = null_space_projector(moments[layer], hp.nullspace_threshold).float()
+                self._projectors[key_of(layer)] = projector
+                log.info("AlphaEdit layer %d: null space of dimension %d", layer, round(float(projector.trace())))
+        return {layer: self._projectors[key_of(layer)] for layer in hp.layers}
+
+
+def earlier_keys_gram(earlier: Sequence[WeightDeltas], layer: int) -> torch.Tensor | None:
+    """K_p K_pᵀ (float64, keys as rows: Σ KᵀK) over the earlier edits, None without any."""
+    name = keys_state_name(layer)
+    gram = None
+    for i, edit in enumerate(earlier):
+        if name not in edit.state:
+            raise ValueError(
+                f"earlier[{i}]: this {edit.manifest.get('algorithm', 'unknown')} edit kept no keys for layer {layer}; "
+                "AlphaEdit preserves AlphaEdit edits of the same layers"
+            )
+        keys = edit.state[name].double()
+        gram = keys.T @ keys if gram is None else gram + keys.T @ keys
+    return gram
 
 
 def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -112,24 +135,3 @@ def solve_projected_update(
     system = projector @ gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(system, projector @ keys.T)
     return residual.T @ solution.T
-
-
-def weights_checksum(model: PreTrainedModel, names: list[str]) -> str:
-    """A hash of the exact bits of the named parameters."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode())
-        digest.update(model.get_parameter(name).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def remember_edited_keys(checksum: str, accumulated: dict[int, torch.Tensor]) -> None:
-    _EDITED_KEYS[checksum] = accumulated
-    _EDITED_KEYS.move_to_end(checksum)
-    while len(_EDITED_KEYS) > _MAX_REMEMBERED_EDITS:
-        _EDITED_KEYS.popitem(last=False)
-
-
-def forget_edited_keys() -> None:
-    """Drop every remembered edit (the next edit of any model starts from an empty K_p)."""
-    _EDITED_KEYS.clear()

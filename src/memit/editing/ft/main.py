@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.deltas import WeightDeltas
 from memit.editing.base import Editor, register
 from memit.editing.common import restored_weights
 from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
@@ -43,7 +44,12 @@ class FTEditor(Editor):
     hparams: FTHyperParams
 
     def compute_deltas(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> dict[str, torch.Tensor]:
         hp = self.hparams
         names = [layout.weight_name(layer) for layer in hp.layers]

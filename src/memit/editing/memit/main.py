@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.deltas import WeightDeltas
 from memit.editing.base import Editor, register
 from memit.editing.common import context_templates, layer_targets, second_moments, write_over_layers
 from memit.editing.context import ContextTemplates
@@ -23,7 +25,12 @@ class MEMITEditor(Editor):
     hparams: MEMITHyperParams
 
     def compute_deltas(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> dict[str, torch.Tensor]:
         hp = self.hparams
         moments = self.second_moments(model, tok, layout)

@@ -10,10 +10,12 @@ and output on the bare prompt, so that the edited weight maps k to v*.
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.deltas import WeightDeltas
 from memit.editing.base import Editor, register
 from memit.editing.common import add_deltas, applied, context_templates, second_moments
 from memit.editing.context import ContextTemplates
@@ -33,7 +35,12 @@ class ROMEEditor(Editor):
     hparams: ROMEHyperParams
 
     def compute_deltas(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, requests: list[EditRequest]
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        earlier: Sequence[WeightDeltas] = (),
     ) -> dict[str, torch.Tensor]:
         hp = self.hparams
         moments = second_moments(model, tok, layout, hp, hp.layers, self.options) if hp.mom2_adjustment else {}
