@@ -1,7 +1,7 @@
 """memit: mass-editing memory in transformer language models."""
 from memit.api import apply_memit_to_model, edit_model
 from memit.deltas import WeightDeltas
-from memit.editing.base import EditOptions, Editor, get_editor_class
+from memit.editing.base import EditOptions, EditTask, Editor, get_editor_class
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
 from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
 from memit.editing.memit.hparams import MEMITHyperParams
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "EditOptions",
     "EditRequest",
+    "EditTask",
     "FTHyperParams",
     "FTLHyperParams",
     "Editor",

@@ -33,6 +33,18 @@ class EditOptions:
     seed: int = 0
 
 
+@dataclass
+class EditTask:
+    """One edit's inputs: the model with its tokenizer and layout, the requests, and the edits
+    already applied to the model (oldest first), for methods that protect them."""
+
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    layout: ModelLayout
+    requests: list[EditRequest]
+    earlier: Sequence[WeightDeltas] = ()
+
+
 class Editor(ABC):
     """An editing method: computes weight deltas for a batch of requests."""
 
@@ -46,27 +58,12 @@ class Editor(ABC):
         self.options = options or EditOptions()
 
     @abstractmethod
-    def compute_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas] = (),
-    ) -> dict[str, torch.Tensor]:
-        """Parameter name -> additive change; ``model`` is left as it was. ``earlier``: the
-        edits already applied to ``model``, for methods that protect them."""
+    def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
+        """Parameter name -> additive change; ``task.model`` is left as it was."""
 
-    def edit_state(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas],
-    ) -> dict[str, torch.Tensor]:
-        """Tensors that later edits need from this one, computed on the edited ``model``
-        (kept in :attr:`WeightDeltas.state`); none by default."""
+    def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:
+        """Tensors that later edits need from this one, computed on the edited model (kept
+        in :attr:`WeightDeltas.state`); none by default."""
         return {}
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
@@ -91,7 +88,8 @@ class Editor(ABC):
         check_tokenization(requests, tok)
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
-        deltas = self.compute_deltas(model, tok, layout, requests, earlier)
+        task = EditTask(model, tok, layout, requests, earlier)
+        deltas = self.compute_deltas(task)
         manifest = {
             "algorithm": self.name,
             "hparams": self.hparams.to_dict(),
@@ -100,7 +98,7 @@ class Editor(ABC):
             "model_name": getattr(model.config, "_name_or_path", ""),
         }
         edit = WeightDeltas(deltas, manifest).apply(model)
-        edit.state = self.edit_state(model, tok, layout, requests, earlier)
+        edit.state = self.edit_state(task)
         return edit
 
 

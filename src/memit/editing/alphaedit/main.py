@@ -23,12 +23,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
-from memit.editing.base import EditOptions, Editor, register
-from memit.editing.common import context_templates, layer_targets, second_moments, write_over_layers
+from memit.editing.base import EditOptions, EditTask, register
+from memit.editing.common import LayerSolver, context_templates, second_moments
 from memit.editing.keys import compute_keys
+from memit.editing.memit.main import MEMITEditor
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
-from memit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def keys_state_name(layer: int) -> str:
 
 
 @register
-class AlphaEditEditor(Editor):
+class AlphaEditEditor(MEMITEditor):
+    """MEMIT with the null-space-projected solve."""
+
     name = "AlphaEdit"
     hparams_class = AlphaEditHyperParams
     hparams: AlphaEditHyperParams
@@ -49,39 +51,23 @@ class AlphaEditEditor(Editor):
         # so that the batches of a sequential run decompose C once.
         self._projectors: dict[tuple, torch.Tensor] = {}
 
-    def compute_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas] = (),
-    ) -> dict[str, torch.Tensor]:
+    def layer_solver(self, task: EditTask) -> LayerSolver:
         hp = self.hparams
-        projectors = self.projectors(model, tok, layout)
-        preserved = {layer: earlier_keys_gram(earlier, layer) for layer in hp.layers}
-        if earlier:
-            log.info("AlphaEdit: preserving the keys of %d earlier edit(s)", len(earlier))
-        templates = context_templates(model, tok, hp, self.options)
-        targets = layer_targets(model, tok, layout, requests, hp, templates, self.options)
+        projectors = self.projectors(task.model, task.tok, task.layout)
+        preserved = {layer: earlier_keys_gram(task.earlier, layer) for layer in hp.layers}
+        if task.earlier:
+            log.info("AlphaEdit: preserving the keys of %d earlier edit(s)", len(task.earlier))
 
-        def solve(i: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return solve_projected_update(keys, residual, projectors[layer], preserved[layer], hp.L2)
 
-        return write_over_layers(model, tok, layout, requests, hp.layers, targets, templates, solve)
+        return solve
 
-    def edit_state(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas],
-    ) -> dict[str, torch.Tensor]:
+    def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:
         """The edited keys, which later edits must preserve."""
-        templates = context_templates(model, tok, self.hparams, self.options)
+        templates = context_templates(task.model, task.tok, self.hparams, self.options)
         return {
-            keys_state_name(layer): compute_keys(model, tok, layout, requests, layer, templates).float().cpu()
+            keys_state_name(layer): compute_keys(task.model, task.tok, task.layout, task.requests, layer, templates).float().cpu()
             for layer in self.hparams.layers
         }
 

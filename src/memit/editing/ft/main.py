@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import WeightDeltas
-from memit.editing.base import Editor, register
+from memit.editing.base import EditTask, Editor, register
 from memit.editing.common import restored_weights
 from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
 from memit.editing.prompts import target_ids
-from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -43,16 +41,10 @@ class FTEditor(Editor):
     hparams_class = FTHyperParams
     hparams: FTHyperParams
 
-    def compute_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas] = (),
-    ) -> dict[str, torch.Tensor]:
+    def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
+        model, tok, requests = task.model, task.tok, task.requests
         hp = self.hparams
-        names = [layout.weight_name(layer) for layer in hp.layers]
+        names = [task.layout.weight_name(layer) for layer in hp.layers]
         params = {name: model.get_parameter(name) for name in names}
         originals = {name: p.detach().clone() for name, p in params.items()}
         batches = [

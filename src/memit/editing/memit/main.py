@@ -1,21 +1,11 @@
 """MEMIT: spread each request's residual over several layers' MLP output projections."""
 from __future__ import annotations
 
-import logging
-from typing import Sequence
-
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import WeightDeltas
-from memit.editing.base import Editor, register
-from memit.editing.common import context_templates, layer_targets, second_moments, write_over_layers
-from memit.editing.context import ContextTemplates
+from memit.editing.base import EditTask, Editor, register
+from memit.editing.common import LayerSolver, context_templates, layer_targets, second_moments, write_over_layers
 from memit.editing.memit.hparams import MEMITHyperParams
-from memit.models.layout import ModelLayout
-from memit.requests import EditRequest
-
-log = logging.getLogger(__name__)
 
 
 @register
@@ -24,40 +14,22 @@ class MEMITEditor(Editor):
     hparams_class = MEMITHyperParams
     hparams: MEMITHyperParams
 
-    def compute_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas] = (),
-    ) -> dict[str, torch.Tensor]:
+    def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        moments = self.second_moments(model, tok, layout)
-        templates = context_templates(model, tok, hp, self.options)
-        targets = layer_targets(model, tok, layout, requests, hp, templates, self.options)
-        return spread_over_layers(model, tok, layout, requests, hp, targets, moments, templates)
+        solve = self.layer_solver(task)
+        templates = context_templates(task.model, task.tok, hp, self.options)
+        targets = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
+        return write_over_layers(task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve)
 
-    def second_moments(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout) -> dict[int, torch.Tensor]:
-        return second_moments(model, tok, layout, self.hparams, self.hparams.layers, self.options)
+    def layer_solver(self, task: EditTask) -> LayerSolver:
+        """How each edit layer's update follows from its keys and residuals."""
+        hp = self.hparams
+        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.options)
 
+        def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return solve_update(keys, residual, moments[layer], hp.mom2_update_weight)
 
-def spread_over_layers(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    layout: ModelLayout,
-    requests: list[EditRequest],
-    hp: MEMITHyperParams,
-    targets: torch.Tensor,
-    moments: dict[int, torch.Tensor],
-    templates: ContextTemplates,
-) -> dict[str, torch.Tensor]:
-    """MEMIT's update at every edit layer; ``model`` is restored afterwards."""
-
-    def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return solve_update(keys, residual, moments[layer], hp.mom2_update_weight)
-
-    return write_over_layers(model, tok, layout, requests, hp.layers, targets, templates, solve)
+        return solve
 
 
 def solve_update(keys: torch.Tensor, residual: torch.Tensor, moment: torch.Tensor, weight: float) -> torch.Tensor:

@@ -10,19 +10,15 @@ and output on the bare prompt, so that the edited weight maps k to v*.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import WeightDeltas
-from memit.editing.base import Editor, register
+from memit.editing.base import EditTask, Editor, register
 from memit.editing.common import add_deltas, applied, context_templates, second_moments
 from memit.editing.context import ContextTemplates
 from memit.editing.keys import compute_keys, vectors_at_subject
 from memit.editing.rome.hparams import ROMEHyperParams
 from memit.editing.targets import compute_targets
-from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -34,74 +30,47 @@ class ROMEEditor(Editor):
     hparams_class = ROMEHyperParams
     hparams: ROMEHyperParams
 
-    def compute_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        requests: list[EditRequest],
-        earlier: Sequence[WeightDeltas] = (),
-    ) -> dict[str, torch.Tensor]:
+    def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        moments = second_moments(model, tok, layout, hp, hp.layers, self.options) if hp.mom2_adjustment else {}
-        templates = context_templates(model, tok, hp, self.options)
+        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.options) if hp.mom2_adjustment else {}
+        templates = context_templates(task.model, task.tok, hp, self.options)
         total: dict[str, torch.Tensor] = {}
-        for n, request in enumerate(requests):
+        for n, request in enumerate(task.requests):
             # Each request sees the model as edited by the ones before it, as in the paper.
-            with applied(model, total):
-                step = self.request_deltas(model, tok, layout, request, templates, moments)
-            log.info("ROME request %d/%d: update norms %s", n + 1, len(requests),
+            with applied(task.model, total):
+                step = self.request_deltas(task, request, templates, moments)
+            log.info("ROME request %d/%d: update norms %s", n + 1, len(task.requests),
                      {k: round(float(v.norm()), 3) for k, v in step.items()})
             total = add_deltas(total, step)
         return total
 
     def request_deltas(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        request: EditRequest,
-        templates: ContextTemplates,
-        moments: dict[int, torch.Tensor],
+        self, task: EditTask, request: EditRequest, templates: ContextTemplates, moments: dict[int, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """One request's rank-one updates at the edit layers, each layer seeing the previous ones."""
         deltas: dict[str, torch.Tensor] = {}
         for layer in self.hparams.layers:
-            with applied(model, deltas):
-                delta = self.rank_one_update(model, tok, layout, request, templates, layer, moments.get(layer))
-            deltas[layout.weight_name(layer)] = layout.as_weight(delta).float()
+            with applied(task.model, deltas):
+                delta = self.rank_one_update(task, request, templates, layer, moments.get(layer))
+            deltas[task.layout.weight_name(layer)] = task.layout.as_weight(delta).float()
         return deltas
 
     def rank_one_update(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        request: EditRequest,
-        templates: ContextTemplates,
-        layer: int,
-        moment: torch.Tensor | None,
+        self, task: EditTask, request: EditRequest, templates: ContextTemplates, layer: int, moment: torch.Tensor | None
     ) -> torch.Tensor:
         """ΔW (out, in) for one request at ``layer`` of the model as it is now."""
+        model, tok, layout = task.model, task.tok, task.layout
         left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0], moment)
         name = layout.mlp_out_name(layer)
         key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].double()
         # v* − W k: the weight then maps this prompt's key k to v*.
-        change = self.value_change(model, tok, layout, request, templates, layer)
+        change = self.value_change(task, request, templates, layer)
         right = change / torch.dot(key, left)
         log.info("layer %d: target change %.3f, division factor %.4f, right vector norm %.3f",
                  layer, change.norm(), torch.dot(key, left), right.norm())
         return torch.outer(right, left)
 
-    def value_change(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        layout: ModelLayout,
-        request: EditRequest,
-        templates: ContextTemplates,
-        layer: int,
-    ) -> torch.Tensor:
+    def value_change(self, task: EditTask, request: EditRequest, templates: ContextTemplates, layer: int) -> torch.Tensor:
         """The optimised change δ of the MLP output at the subject (v* = W k + δ).
 
         Adding δ to the MLP output equals adding it to the layer output there, so the shared
@@ -110,8 +79,8 @@ class ROMEEditor(Editor):
         """
         opts = self.options
         vectors = compute_targets(
-            model, tok, layout, [request], self.hparams, templates, layer,
-            init_module=layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
+            task.model, task.tok, task.layout, [request], self.hparams, templates, layer,
+            init_module=task.layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
         )
         log.info("layer %d: z loss %.4f", layer, float(vectors.final_loss[0]))
         return vectors.delta[0].double()
