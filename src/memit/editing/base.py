@@ -98,7 +98,11 @@ class Editor(ABC):
             "model_name": getattr(model.config, "_name_or_path", ""),
         }
         edit = WeightDeltas(deltas, manifest).apply(model)
-        edit.state = self.edit_state(task)
+        try:
+            edit.state = self.edit_state(task)
+        except BaseException:
+            edit.revert(model)  # no half-finished edit left on the model
+            raise
         return edit
 
 
