@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -122,6 +123,41 @@ def test_sequential_batches_and_reuse_of_a_finished_edit(default_model, fast_hpa
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 2
+
+
+def test_sequential_alphaedit_continued_between_batches_preserves_the_first(default_model, default_hparams, tmp_path, caplog):
+    """Killed before its second batch, the continued run reloads the first batch with its keys
+    and makes the second AlphaEdit edit on top of it, as an uninterrupted run would."""
+    from memit import AlphaEditHyperParams
+
+    model, tok = default_model
+    before = _weights(model)
+    hparams = AlphaEditHyperParams.preset("SmolLM2-135M-Instruct")
+    hparams.mom2_n_samples, hparams.v_num_grad_steps = default_hparams.mom2_n_samples, 2
+    config = RunConfig(alg="AlphaEdit", dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, sequential_batches=2,
+                       limit=2, out=str(tmp_path), skip_generation=True)
+    edits: list = []
+
+    def stop_at_the_second_batch(batch):
+        edits.append(batch)
+        if len(edits) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_evaluation(config, model, tok, hparams, hooks=RunHooks(on_edit=stop_at_the_second_batch))
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    run_dir = tmp_path / "AlphaEdit" / "run_000"
+    (first,) = (run_dir / ".deltas").glob("*/batch_0")
+    assert (first / "edit_state.safetensors").is_file() and not list(run_dir.glob("case_*.json"))
+
+    edits.clear()
+    with caplog.at_level(logging.INFO, logger="memit.editing.alphaedit.main"):
+        run_evaluation(dataclasses.replace(config, continue_from_run=str(run_dir)), model, tok, hparams,
+                       hooks=RunHooks(on_edit=edits.append))
+    assert len(edits) == 1  # only the second batch was edited
+    assert "preserving the keys of 1 earlier edit(s)" in caplog.text
+    assert len(list(run_dir.glob("case_*.json"))) == 2
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
 
 
 def test_evaluate_rejects_a_file_that_fits_no_schema(tmp_path):
