@@ -71,6 +71,38 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
         click.echo(f"Saved to {save_dir}")
 
 
+@main.command("train-mend")
+@click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
+@click.option("--data-file", required=True, type=click.Path(exists=True, dir_okay=False), help="Training cases: CounterFact, MEND CounterFact or zsRE schema.")
+@click.option("--exclude-data-file", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Leave out the case ids of this file (the evaluation set); repeatable.")
+@click.option("--hparams", default=None, help="MEND hyperparameter JSON file or preset name (default: the model's preset).")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the hyperparameters' train_steps).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the network (default: $MEMIT_HOME/mend/<model fingerprint>, where MEND looks).")
+@click.option("--seed", default=0, show_default=True)
+def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, seed):
+    """Train MEND's editor network for a model, so that `--alg MEND` can edit it."""
+    import dataclasses
+
+    from memit.editing.base import resolve_hparams
+    from memit.editing.mend.main import default_network_dir
+    from memit.editing.mend.train import train_mend as train, training_examples
+    from memit.evaluation.datasets import load_cases
+    from memit.models import ModelLayout, load_model
+
+    model, tok = load_model(model_name)
+    hp = resolve_hparams("MEND", hparams, model)
+    if steps is not None:
+        hp = dataclasses.replace(hp, train_steps=steps)
+    excluded = {c.case_id for path in exclude_data_file for c in load_cases(None, path)[2]}
+    cases = [c for c in load_cases(None, data_file)[2] if c.case_id not in excluded]
+    layout = ModelLayout.from_model(model, hp.layer_module_tmp, hp.rewrite_module_tmp)
+    layout.check_layers(hp.layers)
+    network = train(model, tok, layout, hp, training_examples(cases), seed=seed)
+    folder = out or default_network_dir(model)
+    network.save(folder)
+    click.echo(f"Trained on {len(cases)} cases ({len(excluded)} ids excluded); network saved to {folder}")
+
+
 DEMO_REQUESTS = [
     {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}, "target_true": {"str": "basketball"}},
     {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": {"str": "baseball"}, "target_true": {"str": "basketball"}},

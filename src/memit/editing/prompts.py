@@ -1,4 +1,5 @@
-"""Tokenising prompts in batches and finding the subject's last token in each."""
+"""Tokenising prompts in batches: finding the subject's last token in each, and prompts
+followed by the target tokens whose likelihood a method raises."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,3 +36,45 @@ def tokenize_prompts(tok: PreTrainedTokenizerBase, templates: list[str], subject
 def target_ids(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
     """Token ids of a target (which carries its leading space) without special tokens."""
     return tok(target, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class TargetBatch:
+    """Prompt + target token ids, right-padded, and where each target token is predicted."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor  # per target token: its sequence
+    positions: torch.Tensor  # position whose logits predict it
+    tokens: torch.Tensor
+    n_sequences: int
+
+    @classmethod
+    def of(cls, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], device: torch.device | str) -> "TargetBatch":
+        """From (prompt text, target with its leading space) pairs."""
+        sequences, rows, positions, tokens = [], [], [], []
+        for row, (prompt, target) in enumerate(pairs):
+            prompt_ids, new_ids = tok(prompt)["input_ids"], target_ids(tok, target)
+            sequences.append(prompt_ids + new_ids)
+            for offset, token in enumerate(new_ids):
+                rows.append(row)
+                positions.append(len(prompt_ids) - 1 + offset)
+                tokens.append(token)
+        width = max(map(len, sequences))
+        ids = torch.full((len(sequences), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+            as_tensor(rows), as_tensor(positions), as_tensor(tokens), len(pairs),
+        )
+
+    def nll(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over sequences of the mean per-token NLL of the target after the prompt."""
+        log_probs = torch.log_softmax(logits[self.rows, self.positions].float(), dim=-1)
+        token_nll = -log_probs.gather(1, self.tokens.unsqueeze(1)).squeeze(1)
+        per_sequence = torch.zeros(self.n_sequences, device=token_nll.device).index_add(0, self.rows, token_nll)
+        counts = torch.bincount(self.rows, minlength=self.n_sequences).float()
+        return (per_sequence / counts).mean()

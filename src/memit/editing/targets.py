@@ -28,6 +28,7 @@ from memit.editing.memit.hparams import ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
+from memit.utils.grad import bf16_autocast, trainable_only
 from memit.utils.hooks import first_tensor, rewrite_output, run_and_capture, skip_layers_below
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def _optimise(
     output_kind: list[bool] = []
     kind_hook = layer_module.register_forward_hook(lambda mod, args, out: output_kind.append(isinstance(out, tuple)))
     try:
-        with torch.no_grad(), _autocast(autocast):
+        with torch.no_grad(), bf16_autocast(autocast):
             names = list(dict.fromkeys([layout.layer_name(layer), init_module]))
             _, outputs = run_and_capture(model, inputs, outputs_of=names, stop_after=layout.layer_name(layer))
     finally:
@@ -197,7 +198,7 @@ def _optimise(
     # Under autocast the weights keep requires_grad: autocast caches its bfloat16 copy of a
     # weight only for leaves that require grad, and recasting every weight at every step cost
     # more than the bfloat16 matmuls saved. autograd.grad below computes no weight gradients.
-    with _frozen_parameters(model, enabled=not autocast), _autocast(autocast), _eager_attention(model, enabled=autocast):
+    with trainable_only(model) if not autocast else contextlib.nullcontext(), bf16_autocast(autocast), _eager_attention(model, enabled=autocast):
         for step in range(hparams.v_num_grad_steps):
             active = ~done
             seq_active = active[seq_request]
@@ -333,7 +334,7 @@ def _prepare_suffix(
 
     prefix_cache = None
     if width_p > 0:
-        with torch.no_grad(), _autocast(autocast):
+        with torch.no_grad(), bf16_autocast(autocast):
             out = model.base_model(
                 input_ids=ids.gather(1, src_p), attention_mask=mask_p.long(), position_ids=src_p,
                 past_key_values=DynamicCache(), use_cache=True,
@@ -392,22 +393,6 @@ def _fast_logprobs(
 
 
 @contextlib.contextmanager
-def _frozen_parameters(model: PreTrainedModel, enabled: bool = True):
-    """No weight gradients while optimising deltas: backward then only computes activations."""
-    if not enabled:
-        yield
-        return
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
 def _eager_attention(model: PreTrainedModel, enabled: bool = True):
     """The model's eager attention instead of SDPA: on CPUs, SDPA's bfloat16 backward took
     eight times as long as its float32 one, while eager attention's matmuls autocast well."""
@@ -420,7 +405,3 @@ def _eager_attention(model: PreTrainedModel, enabled: bool = True):
         yield
     finally:
         model.set_attn_implementation(previous)
-
-
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

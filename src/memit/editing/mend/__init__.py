@@ -1,0 +1,3 @@
+from memit.editing.mend.hparams import MENDHyperParams
+
+__all__ = ["MENDHyperParams"]

@@ -1,0 +1,27 @@
+"""Temporary gradient and precision settings for a model."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def trainable_only(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Gradients for ``params`` only (none by default: backward then computes just the
+    activations' gradients); the previous flags come back afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = {id(p) for p in params}
+    for p, _ in flags:
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def bf16_autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

@@ -1,0 +1,82 @@
+"""MEND on the real default model: the gradient factors it reads, a network trained for a
+few steps that then changes a CounterFact fact and reverts exactly, and a clear error when
+no network was trained."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from memit import edit_model
+from memit.cli import main
+from memit.editing.mend.gradients import gradient_factors
+from memit.editing.mend.hparams import MENDHyperParams
+from memit.editing.mend.network import MENDNetwork
+from memit.editing.prompts import TargetBatch
+from memit.models import ModelLayout
+
+from .conftest import DATA_DIR
+from .test_methods import _assert_same, _margin, _snapshot
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# The smallest MEND CounterFact split, as training data for a few steps.
+CF_MEND_VAL = DATA_DIR / "counterfact_mend" / "counterfact-val.json"
+
+
+def test_gradient_factors_multiply_to_the_weight_gradient(default_model):
+    """Σ δ uᵀ over the kept tokens is the gradient of the summed target NLL for each weight."""
+    model, tok = default_model
+    layout, layers = ModelLayout.from_model(model), [28, 29]
+    batch = TargetBatch.of(tok, [("The capital of France is", " Rome"), ("Danielle Darrieux speaks", " English")], model.device)
+    factors = gradient_factors(model, layout, layers, batch)
+    weights = [layout.mlp_out(model, layer).weight for layer in layers]
+    loss = batch.nll(model(**batch.inputs).logits) * batch.n_sequences
+    expected = torch.autograd.grad(loss, weights)
+    for layer, grad in zip(layers, expected):
+        keys, grads = factors[layout.weight_name(layer)]
+        assert keys.shape[0] == grads.shape[0] < batch.inputs["attention_mask"].sum()
+        assert torch.allclose(layout.as_weight(grads.T @ keys), grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_network(tmp_path_factory):
+    """A small network trained for a few steps through ``memit train-mend``."""
+    folder = tmp_path_factory.mktemp("mend")
+    hparams = dataclasses.replace(
+        MENDHyperParams.preset("SmolLM2-135M-Instruct"), rank=32, train_steps=30, train_batch_size=4, edit_lr=1e-3
+    )
+    hparams.save(folder / "hparams.json")
+    result = CliRunner().invoke(main, [
+        "train-mend", "--data-file", str(CF_MEND_VAL), "--hparams", str(folder / "hparams.json"), "--out", str(folder / "network"),
+    ])
+    assert result.exit_code == 0, result.output
+    return dataclasses.replace(hparams, network=str(folder / "network"))
+
+
+def test_trained_network_rewrites_a_fact_and_reverts_exactly(default_model, counterfact_records, trained_network):
+    model, tok = default_model
+    network = MENDNetwork.load(trained_network.network)
+    assert network.metadata["trained"]["steps"] == 30
+    assert all(bool(t.up.weight.any()) for t in network.transforms)  # trained away from the identity
+    before = _snapshot(model)
+    record = counterfact_records[0]
+    assert _margin(model, tok, record) < 0
+    deltas = edit_model(model, tok, [record], trained_network, algorithm="MEND")
+    try:
+        assert sorted(deltas.deltas) == [f"model.layers.{layer}.mlp.down_proj.weight" for layer in trained_network.layers]
+        assert _margin(model, tok, record) > 0
+    finally:
+        deltas.revert(model)
+    _assert_same(model, before)
+
+
+def test_mend_without_a_trained_network_is_a_clear_error(default_model, counterfact_records, tmp_path):
+    model, tok = default_model
+    hparams = dataclasses.replace(MENDHyperParams.preset("SmolLM2-135M-Instruct"), network=str(tmp_path / "none"))
+    before = _snapshot(model)
+    with pytest.raises(FileNotFoundError, match=r"hparams.network: no trained MEND network in .*memit train-mend"):
+        edit_model(model, tok, [counterfact_records[0]], hparams, algorithm="MEND")
+    _assert_same(model, before)
