@@ -31,5 +31,5 @@ def test_unknown_and_mistyped_hyperparameters_are_named(tmp_path):
 
 
 def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError, match="alg: unknown editing method 'MEND'"):
-        get_editor_class("MEND")
+    with pytest.raises(ValueError, match="alg: unknown editing method 'SERAC'"):
+        get_editor_class("SERAC")

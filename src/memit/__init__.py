@@ -5,6 +5,7 @@ from memit.editing.base import EditOptions, EditTask, Editor, get_editor_class
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
 from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
 from memit.editing.memit.hparams import MEMITHyperParams
+from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.rome.hparams import ROMEHyperParams
 from memit.models import DEFAULT_MODEL, ModelLayout, load_model
 from memit.requests import EditRequest, RequestError, load_requests, parse_requests
@@ -19,6 +20,7 @@ __all__ = [
     "FTLHyperParams",
     "Editor",
     "MEMITHyperParams",
+    "MENDHyperParams",
     "ModelLayout",
     "ROMEHyperParams",
     "RequestError",

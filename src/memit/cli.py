@@ -33,7 +33,7 @@ def main(verbose: int) -> None:
 @click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
 @click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False), help="JSON list of requests.")
 @click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset).")
-@click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L or AlphaEdit.")
+@click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
 @click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")

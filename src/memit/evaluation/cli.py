@@ -34,7 +34,7 @@ def _user_errors(func):
 
 def _run_options(func):
     options = [
-        click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L or AlphaEdit."),
+        click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend)."),
         click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'."),
         click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Data set schema (detected from --data-file if omitted; default cf)."),
         click.option("--data-file", default=None, type=click.Path(dir_okay=False, exists=True), help="Evaluate this file instead of the data set's default file."),
