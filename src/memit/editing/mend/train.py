@@ -16,6 +16,7 @@ from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import MENDNetwork
 from memit.editing.prompts import TargetBatch
+from memit.evaluation.datasets import Case, ZsreCase
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.utils.grad import trainable_only
@@ -32,11 +33,9 @@ class TrainingExample:
     unrelated: str
 
 
-def training_examples(cases: list) -> list[TrainingExample]:
+def training_examples(cases: list[Case]) -> list[TrainingExample]:
     """One example per CounterFact-style or zsRE case: its rewrite, its first rephrase (or
     paraphrase) and its first unrelated prompt."""
-    from memit.evaluation.datasets import ZsreCase
-
     examples = []
     for case in cases:
         target = case.request.target_new
