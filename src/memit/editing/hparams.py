@@ -62,6 +62,19 @@ class HyperParams:
     def validate(self) -> None:
         """Check values beyond their types; subclasses extend this."""
 
+    def check_layers(self) -> None:
+        """``layers``: at least one, increasing and distinct."""
+        layers = getattr(self, "layers")
+        if not layers:
+            raise HyperParamsError("hyperparameter 'layers' must name at least one layer")
+        if layers != sorted(set(layers)):
+            raise HyperParamsError(f"hyperparameter 'layers' must be increasing and distinct, got {layers}")
+
+    def check_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise HyperParamsError(f"hyperparameter '{name}' must be positive")
+
 
 def preset_dir(algorithm: str) -> Path:
     return Path(str(resources.files("memit") / "presets" / algorithm))

@@ -27,13 +27,8 @@ class FTHyperParams(HyperParams):
     layer_module_tmp: str | None = None
 
     def validate(self) -> None:
-        if not self.layers:
-            raise HyperParamsError("hyperparameter 'layers' must name at least one layer")
-        if self.layers != sorted(set(self.layers)):
-            raise HyperParamsError(f"hyperparameter 'layers' must be increasing and distinct, got {self.layers}")
-        for name in ("num_steps", "lr", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise HyperParamsError(f"hyperparameter '{name}' must be positive")
+        self.check_layers()
+        self.check_positive("num_steps", "lr", "batch_size")
         if self.weight_decay < 0:
             raise HyperParamsError("hyperparameter 'weight_decay' must be non-negative")
         if self.wd_power_law is not None and len(self.wd_power_law) != 2:

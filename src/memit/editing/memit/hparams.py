@@ -28,15 +28,10 @@ class ZOptimizationParams(HyperParams):
     lm_head_module: str | None = None
 
     def validate(self) -> None:
-        if not self.layers:
-            raise HyperParamsError("hyperparameter 'layers' must name at least one layer")
-        if self.layers != sorted(set(self.layers)):
-            raise HyperParamsError(f"hyperparameter 'layers' must be increasing and distinct, got {self.layers}")
+        self.check_layers()
         if self.fact_token != "subject_last":
             raise HyperParamsError(f"hyperparameter 'fact_token': only 'subject_last' is supported, got {self.fact_token!r}")
-        for name in ("v_num_grad_steps", "v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise HyperParamsError(f"hyperparameter '{name}' must be positive")
+        self.check_positive("v_num_grad_steps", "v_lr", "clamp_norm_factor")
 
 
 @dataclass

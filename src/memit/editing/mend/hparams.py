@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memit.editing.hparams import HyperParams, HyperParamsError
+from memit.editing.hparams import HyperParams
 
 
 @dataclass
@@ -33,10 +33,5 @@ class MENDHyperParams(HyperParams):
     layer_module_tmp: str | None = None
 
     def validate(self) -> None:
-        if not self.layers:
-            raise HyperParamsError("hyperparameter 'layers' must name at least one layer")
-        if self.layers != sorted(set(self.layers)):
-            raise HyperParamsError(f"hyperparameter 'layers' must be increasing and distinct, got {self.layers}")
-        for name in ("rank", "edit_lr", "meta_lr", "lr_lr", "train_steps", "train_batch_size", "edit_loss_weight"):
-            if getattr(self, name) <= 0:
-                raise HyperParamsError(f"hyperparameter '{name}' must be positive")
+        self.check_layers()
+        self.check_positive("rank", "edit_lr", "meta_lr", "lr_lr", "train_steps", "train_batch_size", "edit_loss_weight")
