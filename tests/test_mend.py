@@ -18,6 +18,7 @@ from memit.editing.prompts import TargetBatch
 from memit.models import ModelLayout
 
 from .conftest import DATA_DIR
+from .test_architectures import CONFIGS, tiny
 from .test_methods import _assert_same, _margin, _snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -26,10 +27,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CF_MEND_VAL = DATA_DIR / "counterfact_mend" / "counterfact-val.json"
 
 
-def test_gradient_factors_multiply_to_the_weight_gradient(default_model):
-    """Σ δ uᵀ over the kept tokens is the gradient of the summed target NLL for each weight."""
-    model, tok = default_model
-    layout, layers = ModelLayout.from_model(model), [28, 29]
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_gradient_factors_multiply_to_the_weight_gradient(name, default_model):
+    """Σ δ uᵀ over the kept tokens is the gradient of the summed target NLL for each weight,
+    in the weight's own orientation (GPT-2's Conv1D stores it transposed)."""
+    _, tok = default_model
+    model = tiny(name)
+    layout, layers = ModelLayout.from_model(model), [1, 3]
     batch = TargetBatch.of(tok, [("The capital of France is", " Rome"), ("Danielle Darrieux speaks", " English")], model.device)
     factors = gradient_factors(model, layout, layers, batch)
     weights = [layout.mlp_out(model, layer).weight for layer in layers]
@@ -38,7 +42,7 @@ def test_gradient_factors_multiply_to_the_weight_gradient(default_model):
     for layer, grad in zip(layers, expected):
         keys, grads = factors[layout.weight_name(layer)]
         assert keys.shape[0] == grads.shape[0] < batch.inputs["attention_mask"].sum()
-        assert torch.allclose(layout.as_weight(grads.T @ keys), grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layout.as_weight(grads.T @ keys), grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
