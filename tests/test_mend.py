@@ -14,6 +14,8 @@ from memit.cli import main
 from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import MENDNetwork
+from memit.editing.mend.train import train_mend, training_examples
+from memit.evaluation.datasets import load_cases
 from memit.editing.prompts import TargetBatch
 from memit.models import ModelLayout
 
@@ -84,3 +86,33 @@ def test_mend_without_a_trained_network_is_a_clear_error(default_model, counterf
     with pytest.raises(FileNotFoundError, match=r"hparams.network: no trained MEND network in .*memit train-mend"):
         edit_model(model, tok, [counterfact_records[0]], hparams, algorithm="MEND")
     _assert_same(model, before)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_killed_training_continues_from_its_checkpoint_to_the_same_network(default_model, tmp_path):
+    _, tok = default_model
+    model = tiny("llama_tied")
+    layout = ModelLayout.from_model(model)
+    hparams = dataclasses.replace(
+        MENDHyperParams.preset("SmolLM2-135M-Instruct"), layers=[2, 3], rank=8, train_steps=6, train_batch_size=2
+    )
+    examples = training_examples(load_cases("cf-mend", CF_MEND_VAL, limit=20)[2])
+    whole = train_mend(model, tok, layout, hparams, examples)
+
+    def stop_after_five(step):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_mend(model, tok, layout, hparams, examples, checkpoint_dir=tmp_path, checkpoint_every=2, on_step=stop_after_five)
+    steps: list[int] = []
+    resumed = train_mend(model, tok, layout, hparams, examples, checkpoint_dir=tmp_path, checkpoint_every=2, on_step=steps.append)
+    assert steps == [5, 6]  # from the checkpoint of step 4
+    expected = whole.state_dict()
+    for name, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match=r"checkpoint: .* belongs to another training"):
+        train_mend(model, tok, layout, dataclasses.replace(hparams, rank=4), examples, checkpoint_dir=tmp_path)

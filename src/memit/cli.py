@@ -82,6 +82,7 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
 def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, seed):
     """Train MEND's editor network for a model, so that `--alg MEND` can edit it."""
     import dataclasses
+    import shutil
 
     from memit.editing.base import resolve_hparams
     from memit.editing.mend.main import default_network_dir
@@ -97,9 +98,12 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
     cases = [c for c in load_cases(None, data_file)[2] if c.case_id not in excluded]
     layout = ModelLayout.from_model(model, hp.layer_module_tmp, hp.rewrite_module_tmp)
     layout.check_layers(hp.layers)
-    network = train(model, tok, layout, hp, training_examples(cases), seed=seed)
-    folder = out or default_network_dir(model)
+    folder = Path(out) if out else default_network_dir(model)
+    # A killed training continues from its last checkpoint when started again.
+    checkpoint = folder / "checkpoint"
+    network = train(model, tok, layout, hp, training_examples(cases), seed=seed, checkpoint_dir=checkpoint)
     network.save(folder)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     click.echo(f"Trained on {len(cases)} cases ({len(excluded)} ids excluded); network saved to {folder}")
 
 

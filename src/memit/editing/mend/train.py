@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.func import functional_call
@@ -20,10 +22,13 @@ from memit.evaluation.datasets import Case, ZsreCase
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.utils.grad import trainable_only
+from memit.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 100
+CHECKPOINT_EVERY = 100
+CHECKPOINT_FILE = "training_state.pt"
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,16 @@ def train_mend(
     hp: MENDHyperParams,
     examples: list[TrainingExample],
     seed: int = 0,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    on_step: Callable[[int], None] | None = None,
 ) -> MENDNetwork:
-    """A network trained for ``hp.train_steps`` steps on random batches of ``examples``."""
+    """A network trained for ``hp.train_steps`` steps on random batches of ``examples``.
+
+    With ``checkpoint_dir``, the training state is saved there every ``checkpoint_every``
+    steps, and a training started again continues from it exactly (same batches, same
+    result); ``on_step(n)`` is called after step n.
+    """
     if not examples:
         raise ValueError("data-file: no training examples")
     torch.manual_seed(seed)
@@ -69,9 +82,13 @@ def train_mend(
         {"params": [network.log_lrs], "lr": hp.lr_lr},
     ])
     generator = torch.Generator().manual_seed(seed)
+    # What a checkpoint must match to be continued (more steps may be asked for).
+    identity = {**hp.to_dict(), "train_steps": None, "network": None, "examples": len(examples), "seed": seed,
+                "model_fingerprint": model_fingerprint(model)}
+    first_step = _resume(checkpoint_dir, identity, network, optimizer, generator)
     start, window = time.perf_counter(), []
     with trainable_only(model):
-        for step in tqdm(range(hp.train_steps), desc="train MEND", unit="step", disable=None):
+        for step in tqdm(range(first_step, hp.train_steps), desc="train MEND", unit="step", disable=None):
             batch = [examples[i] for i in torch.randint(len(examples), (hp.train_batch_size,), generator=generator)]
             edit_loss, locality = _losses(model, tok, layout, hp, network, weights, batch)
             loss = hp.edit_loss_weight * edit_loss + locality
@@ -85,11 +102,38 @@ def train_mend(
                 log.info("MEND step %d: edit NLL %.3f, locality KL %.4f, step sizes %s", step + 1, mean_edit, mean_locality,
                          [f"{lr:.2e}" for lr in network.log_lrs.exp().tolist()])
                 window.clear()
+            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0:
+                with atomic_path(checkpoint_dir / CHECKPOINT_FILE) as tmp:
+                    torch.save({"identity": identity, "step": step + 1, "network": network.state_dict(),
+                                "optimizer": optimizer.state_dict(), "generator": generator.get_state()}, tmp)
+            if on_step is not None:
+                on_step(step + 1)
     network.metadata["trained"] = {
         "steps": hp.train_steps, "examples": len(examples), "seed": seed, "seconds": round(time.perf_counter() - start),
         "last_edit_nll": round(mean_edit, 4), "last_locality_kl": round(mean_locality, 5),
     }
     return network.eval()
+
+
+def _resume(
+    checkpoint_dir: Path | None,
+    identity: dict,
+    network: MENDNetwork,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> int:
+    """Load the checkpoint into the training objects; returns the step to continue from."""
+    path = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if path is None or not path.is_file():
+        return 0
+    state = torch.load(path)
+    if state["identity"] != identity:
+        raise ValueError(f"checkpoint: {path} belongs to another training (model, data or hyperparameters); delete it to start again")
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    log.info("MEND: continuing the training from step %d (%s)", state["step"], path)
+    return state["step"]
 
 
 def _losses(
