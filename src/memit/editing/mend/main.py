@@ -54,6 +54,8 @@ class MENDEditor(Editor):
             wanted = [layout.weight_name(layer) for layer in self.hparams.layers]
             if network.weight_names != wanted:
                 raise ValueError(f"hparams.network: {folder} edits {network.weight_names}, the hyperparameters ask for {wanted}")
+            if network.metadata.get("model_fingerprint") != model_fingerprint(model):
+                log.warning("MEND: the network in %s was trained for another model", folder)
             log.info("MEND: network from %s (%s)", folder, network.metadata.get("trained", "untrained"))
             self._network = network
         return self._network
