@@ -85,10 +85,10 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
     import shutil
 
     from memit.editing.base import resolve_hparams
-    from memit.editing.mend.main import default_network_dir
+    from memit.editing.mend.main import MENDEditor, default_network_dir
     from memit.editing.mend.train import train_mend as train, training_examples
     from memit.evaluation.datasets import load_cases
-    from memit.models import ModelLayout, load_model
+    from memit.models import load_model
 
     model, tok = load_model(model_name)
     hp = resolve_hparams("MEND", hparams, model)
@@ -96,8 +96,7 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
         hp = dataclasses.replace(hp, train_steps=steps)
     excluded = {c.case_id for path in exclude_data_file for c in load_cases(None, path)[2]}
     cases = [c for c in load_cases(None, data_file)[2] if c.case_id not in excluded]
-    layout = ModelLayout.from_model(model, hp.layer_module_tmp, hp.rewrite_module_tmp)
-    layout.check_layers(hp.layers)
+    layout = MENDEditor(hp).layout(model)
     folder = Path(out) if out else default_network_dir(model)
     # A killed training continues from its last checkpoint when started again.
     checkpoint = folder / "checkpoint"

@@ -22,20 +22,35 @@ def vectors_at_subject(
 ) -> torch.Tensor:
     """The input (``read="input"``) or output of ``module_name`` at each prompt's subject
     token, as ``(len(templates), dim)``; the forward pass stops at that module."""
-    rows = []
+    return vectors_at_subject_many(model, tok, templates, subjects, [module_name], read, batch_size)[module_name]
+
+
+def vectors_at_subject_many(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    templates: list[str],
+    subjects: list[str],
+    module_names: list[str],
+    read: str,
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """:func:`vectors_at_subject` for several modules (in forward order) from one pass that
+    stops at the last of them."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
     for start in range(0, len(templates), batch_size):
         batch = tokenize_prompts(tok, templates[start : start + batch_size], subjects[start : start + batch_size])
         with torch.no_grad():
             inputs, outputs = run_and_capture(
                 model,
                 batch.model_inputs(model.device),
-                inputs_of=[module_name] if read == "input" else [],
-                outputs_of=[module_name] if read == "output" else [],
-                stop_after=module_name,
+                inputs_of=module_names if read == "input" else [],
+                outputs_of=module_names if read == "output" else [],
+                stop_after=module_names[-1],
             )
-        hidden = (inputs if read == "input" else outputs)[module_name]
-        rows.append(hidden[torch.arange(len(hidden)), batch.subject_positions.to(hidden.device)])
-    return torch.cat(rows)
+        for name in module_names:
+            hidden = (inputs if read == "input" else outputs)[name]
+            rows[name].append(hidden[torch.arange(len(hidden)), batch.subject_positions.to(hidden.device)])
+    return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
 def compute_keys(
@@ -48,9 +63,26 @@ def compute_keys(
 ) -> torch.Tensor:
     """Each request's key at ``layer``: the MLP-output-projection input at the subject's last
     token, averaged within each group of context templates and then across groups."""
+    return compute_keys_at(model, tok, layout, requests, [layer], context_templates)[layer]
+
+
+def compute_keys_at(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    layout: ModelLayout,
+    requests: list[EditRequest],
+    layers: list[int],
+    context_templates: ContextTemplates,
+) -> dict[int, torch.Tensor]:
+    """:func:`compute_keys` at several increasing layers, from one pass over the prompts."""
     flat = [(c.replace("{}", r.prompt, 1), r.subject) for r in requests for group in context_templates for c in group]
-    vectors = vectors_at_subject(model, tok, [t for t, _ in flat], [s for _, s in flat], layout.mlp_out_name(layer), "input")
-    per_request = vectors.view(len(requests), -1, vectors.shape[-1])
+    names = [layout.mlp_out_name(layer) for layer in layers]
+    vectors = vectors_at_subject_many(model, tok, [t for t, _ in flat], [s for _, s in flat], names, "input")
+    return {layer: _average_over_templates(vectors[name], len(requests), context_templates) for layer, name in zip(layers, names)}
+
+
+def _average_over_templates(vectors: torch.Tensor, n_requests: int, context_templates: ContextTemplates) -> torch.Tensor:
+    per_request = vectors.view(n_requests, -1, vectors.shape[-1])
     group_means, start = [], 0
     for group in context_templates:
         group_means.append(per_request[:, start : start + len(group)].float().mean(1))

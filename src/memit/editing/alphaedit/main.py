@@ -25,7 +25,7 @@ from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
 from memit.editing.base import EditOptions, EditTask, register
 from memit.editing.common import LayerSolver, context_templates, second_moments
-from memit.editing.keys import compute_keys
+from memit.editing.keys import compute_keys_at
 from memit.editing.memit.main import MEMITEditor
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
@@ -66,10 +66,8 @@ class AlphaEditEditor(MEMITEditor):
     def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:
         """The edited keys, which later edits must preserve."""
         templates = context_templates(task.model, task.tok, self.hparams, self.options)
-        return {
-            keys_state_name(layer): compute_keys(task.model, task.tok, task.layout, task.requests, layer, templates).float().cpu()
-            for layer in self.hparams.layers
-        }
+        keys = compute_keys_at(task.model, task.tok, task.layout, task.requests, self.hparams.layers, templates)
+        return {keys_state_name(layer): k.float().cpu() for layer, k in keys.items()}
 
     def projectors(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout) -> dict[int, torch.Tensor]:
         hp = self.hparams

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from memit.editing.base import EditOptions, EditTask, Editor, register
+from memit.editing.base import EditTask, Editor, register
 from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import CONFIG_FILE, MENDNetwork
@@ -28,10 +28,8 @@ class MENDEditor(Editor):
     name = "MEND"
     hparams_class = MENDHyperParams
     hparams: MENDHyperParams
-
-    def __init__(self, hparams: MENDHyperParams, options: EditOptions | None = None):
-        super().__init__(hparams, options)
-        self._network: MENDNetwork | None = None
+    # Loaded on the first edit and kept for the editor's later edits.
+    _network: MENDNetwork | None = None
 
     def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
         network = self.network(task.model, task.layout)

@@ -63,12 +63,15 @@ class MENDNetwork(nn.Module):
 
     def __init__(self, dims: dict[str, tuple[int, int]], rank: int, edit_lr: float, metadata: dict[str, Any] | None = None):
         super().__init__()
-        self.weight_names = list(dims)
         self.dims = dims
         self.rank = rank
         self.metadata = dict(metadata or {})
         self.transforms = nn.ModuleList(GradientTransform(k, g, rank) for k, g in dims.values())
         self.log_lrs = nn.Parameter(torch.full((len(dims),), math.log(edit_lr)))
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(self.dims)
 
     def observe(self, factors: Factors) -> None:
         for name, transform in zip(self.weight_names, self.transforms):

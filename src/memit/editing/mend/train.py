@@ -75,7 +75,8 @@ def train_mend(
     weights = {layout.weight_name(layer): layout.mlp_out(model, layer).weight for layer in hp.layers}
     # (in, out) of each weight: as_weight turns the stored orientation into (out, in).
     dims = {name: tuple(layout.as_weight(w).shape[::-1]) for name, w in weights.items()}
-    network = MENDNetwork(dims, hp.rank, hp.edit_lr, {"model_fingerprint": model_fingerprint(model), "hparams": hp.to_dict()})
+    fingerprint = model_fingerprint(model)
+    network = MENDNetwork(dims, hp.rank, hp.edit_lr, {"model_fingerprint": fingerprint, "hparams": hp.to_dict()})
     network.to(model.device).train()
     optimizer = torch.optim.Adam([
         {"params": network.transforms.parameters(), "lr": hp.meta_lr},
@@ -84,7 +85,7 @@ def train_mend(
     generator = torch.Generator().manual_seed(seed)
     # What a checkpoint must match to be continued (more steps may be asked for).
     identity = {**hp.to_dict(), "train_steps": None, "network": None, "examples": len(examples), "seed": seed,
-                "model_fingerprint": model_fingerprint(model)}
+                "model_fingerprint": fingerprint}
     first_step = _resume(checkpoint_dir, identity, network, optimizer, generator)
     start, window = time.perf_counter(), []
     with trainable_only(model):
