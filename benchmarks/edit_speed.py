@@ -20,21 +20,19 @@ import json
 import logging
 import os
 import platform
-import sys
+import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-import memit.editing.targets as targets_module
-from memit import EditOptions, MEMITHyperParams, ModelLayout, edit_model, load_model, parse_requests
-from memit.editing.base import resolve_hparams
+from memit import EditOptions, MEMITHyperParams, ModelLayout, edit_model, load_model
 from memit.editing.context import get_context_templates
-from memit.predict import score_continuations
-from memit.requests import EditRequest
-from memit.stats import SecondMomentCache, collect_second_moments, resolve_corpus
+from memit.editing.methods import resolve_hparams
+from memit.evaluation.datasets import CounterFactCase, load_cases
+from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.stats import SecondMomentCache, collect_second_moments, load_corpus
 
 log = logging.getLogger("edit_speed")
 
@@ -47,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=64, help="CounterFact requests edited by each path")
     p.add_argument("--model", default="default")
     p.add_argument("--counterfact", default=str(DATA / "counterfact_subset400.json"))
-    p.add_argument("--corpus", default=os.environ.get("MEMIT_CORPUS", str(DATA / "wikipedia_en_2015_sample.jsonl.gz")))
+    p.add_argument("--corpus", default=os.environ.get("MEMIT_CORPUS", "wikipedia-sample"), help="statistics corpus (default: the packaged sample)")
     p.add_argument("--stats-samples", type=int, default=200, help="corpus samples for the statistics timing")
     p.add_argument("--stats-tokens", type=int, default=256, help="tokens per corpus sample")
     p.add_argument("--mom2-samples", type=int, default=None, help="corpus samples of the statistics the edits use (preset: 2000)")
@@ -108,7 +106,7 @@ class FlopTally:
 
 def time_statistics(model, tok, layout: ModelLayout, layers: list[int], args: argparse.Namespace) -> dict[str, Any]:
     """One pass for all layers against one pass per layer, same samples, no cache."""
-    corpus = resolve_corpus(args.corpus)
+    corpus = load_corpus(args.corpus)
 
     def run(which: list[int], autocast: bool = False) -> tuple[dict[int, torch.Tensor], int, float]:
         start = time.perf_counter()
@@ -143,61 +141,23 @@ def time_statistics(model, tok, layout: ModelLayout, layers: list[int], args: ar
 # ---------------------------------------------------------------- quality
 
 
-@dataclass
-class Case:
-    request: EditRequest
-    paraphrases: list[str]
-    neighbors: list[str]
-
-
-def success_rates(model, tok, cases: list[Case]) -> dict[str, float]:
-    """The paper's CounterFact success rates: per prompt, is the mean per-token NLL of the new
-    target below that of the true one (neighborhood: the reverse); averaged per case, then over cases."""
-    prompts, kinds = [], []
-    for i, case in enumerate(cases):
-        r = case.request
-        for kind, texts in (("efficacy", [r.filled_prompt()]), ("paraphrase", case.paraphrases), ("neighborhood", case.neighbors)):
-            for text in texts:
-                prompts.append(text)
-                kinds.append((i, kind))
-    news = score_continuations(model, tok, prompts, [cases[i].request.target_new for i, _ in kinds])
-    trues = score_continuations(model, tok, prompts, [cases[i].request.target_true for i, _ in kinds])
-    per_case: dict[str, dict[int, list[bool]]] = {"efficacy": {}, "paraphrase": {}, "neighborhood": {}}
-    for (i, kind), new, true in zip(kinds, news, trues):
-        new_wins = true.mean_nll > new.mean_nll
-        per_case[kind].setdefault(i, []).append(new_wins if kind != "neighborhood" else not new_wins)
-    return {kind: sum(sum(v) / len(v) for v in by_case.values()) / len(by_case) for kind, by_case in per_case.items()}
+def success_rates(model, tok, cases: list[CounterFactCase]) -> dict[str, float]:
+    """The paper's CounterFact success rates, as `memit evaluate` computes them, averaged over cases."""
+    per_case = [evaluate_counterfact_case(model, tok, case) for case in cases]
+    return {kind: statistics.fmean(m[f"{kind}_success"] for m in per_case) for kind in ("efficacy", "paraphrase", "neighborhood")}
 
 
 # ---------------------------------------------------------------- edits
 
 
-def timed_edit(model, tok, cases: list[Case], hparams: MEMITHyperParams, options: EditOptions, tally: FlopTally) -> dict[str, Any]:
+def timed_edit(model, tok, cases: list[CounterFactCase], hparams: MEMITHyperParams, options: EditOptions, tally: FlopTally) -> dict[str, Any]:
     """Edit, score, and revert; the time of the target-vector optimisation is measured apart."""
-    z_seconds = 0.0
-    original = targets_module.compute_targets
-
-    def timed_targets(*a, **k):
-        nonlocal z_seconds
-        start = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            z_seconds += time.perf_counter() - start
-
-    # Every module that imported compute_targets by name gets the timed wrapper for this edit.
-    users = [m for m in list(sys.modules.values()) if getattr(m, "compute_targets", None) is original]
     tally.flops = 0.0
-    for module in users:
-        module.compute_targets = timed_targets
-    try:
-        with tally.counting():
-            start = time.perf_counter()
-            deltas = edit_model(model, tok, [c.request for c in cases], hparams, options=options)
-            seconds = time.perf_counter() - start
-    finally:
-        for module in users:
-            module.compute_targets = original
+    with tally.counting():
+        start = time.perf_counter()
+        deltas = edit_model(model, tok, [c.request for c in cases], hparams, options=options)
+        seconds = time.perf_counter() - start
+    z_seconds = deltas.timings["target_vectors"]
     z_flops = tally.flops
     rates = success_rates(model, tok, cases)
     deltas.revert(model)
@@ -216,7 +176,7 @@ def main() -> None:
     logging.getLogger("memit").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ["MEMIT_CORPUS"] = args.corpus
+    os.environ["MEMIT_CORPUS"] = args.corpus  # the corpus the edits' statistics come from
     torch.manual_seed(0)
 
     model, tok = load_model(args.model)
@@ -224,9 +184,7 @@ def main() -> None:
     if args.mom2_samples:
         hparams.mom2_n_samples = args.mom2_samples
     layout = ModelLayout.from_model(model)
-    records = json.loads(Path(args.counterfact).read_text())[: args.requests]
-    requests = parse_requests(records)
-    cases = [Case(r, rec["paraphrase_prompts"], rec["neighborhood_prompts"]) for r, rec in zip(requests, records)]
+    cases = load_cases("cf", args.counterfact, limit=args.requests)[2]
 
     result: dict[str, Any] = {
         "model": args.model,
@@ -259,7 +217,7 @@ def main() -> None:
     start = time.perf_counter()
     for autocast in (False, True) if args.bf16 else (False,):
         SecondMomentCache().get(
-            model, tok, layout, hparams.layers, resolve_corpus(args.corpus), hparams.mom2_n_samples,
+            model, tok, layout, hparams.layers, load_corpus(args.corpus), hparams.mom2_n_samples,
             hparams.mom2_max_tokens, hparams.mom2_dtype, autocast=autocast,
         )
     result["edit_stats_s"] = time.perf_counter() - start

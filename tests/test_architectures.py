@@ -15,7 +15,6 @@ from transformers import (
 from memit import MEMITHyperParams, ModelLayout, edit_model
 from memit.models import UnsupportedArchitectureError
 from memit.predict import score_continuations
-from tests.conftest import CORPUS
 
 VOCAB = 49152  # the default model's tokenizer serves every tiny model
 SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -55,9 +54,9 @@ def tiny(name: str):
 
 def tiny_hparams() -> MEMITHyperParams:
     return MEMITHyperParams(
-        layers=[1, 2], v_num_grad_steps=15, v_lr=0.5, v_loss_layer=3, v_weight_decay=1e-3,
+        layers=[1, 2], v_num_grad_steps=15, v_lr=0.5, v_weight_decay=1e-3,
         clamp_norm_factor=20.0, kl_factor=0.0625, mom2_n_samples=20, mom2_max_tokens=64,
-        mom2_update_weight=100.0, context_template_length_params=[[5, 2]],
+        mom2_update_weight=100.0, context_template_length_params=[[5, 2]], mom2_dataset="wikipedia-sample",
     )
 
 
@@ -76,7 +75,7 @@ def test_memit_raises_target_probability_on_each_architecture(name, fast, defaul
     model = tiny(name)
     before = score_continuations(model, tok, [PROMPT], [" football"])[0].mean_nll
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    deltas = edit_model(model, tok, [REQUEST], tiny_hparams(), corpus=str(CORPUS), stats_dir=str(tmp_path), fast=fast)
+    deltas = edit_model(model, tok, [REQUEST], tiny_hparams(), stats_dir=str(tmp_path), fast=fast)
     after = score_continuations(model, tok, [PROMPT], [" football"])[0].mean_nll
     # Tiny random embeddings bound how far any logit can move, so the bar is modest.
     assert after < before - 0.5

@@ -51,3 +51,18 @@ def test_bad_requests_file_is_a_clear_error(tmp_path):
     requests.write_text("not json")
     result = CliRunner().invoke(main, ["edit", "--requests", str(requests)])
     assert result.exit_code == 1 and "is not valid JSON" in result.output
+
+
+def test_a_named_corpus_that_cannot_load_is_a_one_line_error_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football"}]))
+    result = CliRunner().invoke(main, ["edit", "--requests", str(requests), "--corpus", str(tmp_path / "nowhere.jsonl.gz")])
+    assert result.exit_code == 1 and "Error: corpus: file" in result.output and "nowhere.jsonl.gz does not exist" in result.output
+
+    # An internal error is not a user error: it reaches the caller with its type and traceback.
+    def broken(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr("memit.api.edit_model", broken)
+    result = CliRunner().invoke(main, ["edit", "--requests", str(requests)])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)

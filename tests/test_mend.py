@@ -14,9 +14,9 @@ from memit.cli import main
 from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import MENDNetwork
-from memit.editing.mend.train import train_mend, training_examples
-from memit.evaluation.datasets import load_cases
+from memit.editing.mend.train import train_mend
 from memit.editing.prompts import TargetBatch
+from memit.evaluation.datasets import load_cases, training_examples
 from memit.models import ModelLayout
 
 from .conftest import DATA_DIR
@@ -99,7 +99,7 @@ def test_killed_training_continues_from_its_checkpoint_to_the_same_network(defau
     hparams = dataclasses.replace(
         MENDHyperParams.preset("SmolLM2-135M-Instruct"), layers=[2, 3], rank=8, train_steps=6, train_batch_size=2
     )
-    examples = training_examples(load_cases("cf-mend", CF_MEND_VAL, limit=20)[2])
+    examples = training_examples(load_cases("cf-mend", CF_MEND_VAL, limit=20)[2], "cf-mend")
     whole = train_mend(model, tok, layout, hparams, examples)
 
     def stop_after_five(step):

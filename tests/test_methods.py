@@ -144,7 +144,7 @@ def test_presets_exist_for_every_method():
     for alg in ALL_METHODS:
         assert {"SmolLM2-135M-Instruct", "gpt2-xl", "EleutherAI_gpt-j-6B"} <= set(list_presets(alg)), alg
     rome = get_editor_class("ROME").hparams_class.preset("gpt2-xl")
-    assert rome.layers == [17] and rome.clamp_norm_factor == 4 and rome.v_loss_layer == 47
+    assert rome.layers == [17] and rome.clamp_norm_factor == 4 and rome.mom2_adjustment
     ftl = get_editor_class("FT-L").hparams_class.preset("gpt2-xl")
     assert ftl.norm_constraint == 5e-4 and ftl.lr == 5e-4 and ftl.num_steps == 25
     ftw = get_editor_class("FT").hparams_class.preset("EleutherAI_gpt-j-6B")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import os
 
 import pytest
 import torch
@@ -12,9 +11,7 @@ import torch
 from memit import ModelLayout, parse_requests
 from memit.editing.context import get_context_templates
 from memit.editing.targets import compute_targets
-from memit.stats import collect_second_moments, resolve_corpus
-
-
+from memit.stats import collect_second_moments, load_corpus
 
 Z_LAYER = 8
 STEPS = 3
@@ -83,7 +80,7 @@ def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(se
 def test_one_pass_statistics_equal_per_layer_passes(default_model):
     model, tok = default_model
     layout = ModelLayout.from_model(model)
-    corpus = resolve_corpus(os.environ["MEMIT_CORPUS"])  # set by conftest
+    corpus = load_corpus("wikipedia-sample")
     layers, n_samples, max_tokens = [2, 4], 6, 64
     together, count = collect_second_moments(model, tok, layout, layers, corpus.texts(), n_samples, max_tokens, batch_tokens=256)
     for layer in layers:
@@ -118,7 +115,7 @@ def test_statistics_shortcuts_change_nothing(default_model):
     from memit.stats.second_moment import _gram, _tokenize_prefix
 
     _, tok = default_model
-    texts = list(itertools.islice(resolve_corpus(os.environ["MEMIT_CORPUS"]).texts(), 40))
+    texts = list(itertools.islice(load_corpus("wikipedia-sample").texts(), 40))
     for max_tokens in (64, 256):
         for text in texts:
             assert _tokenize_prefix(tok, text, max_tokens) == tok(text, truncation=True, max_length=max_tokens)["input_ids"]

@@ -9,8 +9,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
-from memit.editing.base import EditOptions, get_editor_class, resolve_hparams
+from memit.editing.base import EditOptions
 from memit.editing.hparams import HyperParams
+from memit.editing.methods import get_editor_class, resolve_hparams
 from memit.requests import EditRequest
 
 Requests = Iterable[Mapping[str, Any] | EditRequest]

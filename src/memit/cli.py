@@ -7,17 +7,18 @@ from pathlib import Path
 import click
 
 from memit.cli_options import edit_options, edit_options_from
+from memit.errors import MemitError
 from memit.utils.io import write_json
 
 
 class _Group(click.Group):
-    """Shows bad input (a malformed request, an unknown hyperparameter, a missing file) as a
-    one-line error instead of a traceback."""
+    """Shows what the user can fix (a malformed request, an unknown hyperparameter, a missing
+    file: a :class:`MemitError`) as a one-line error; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, KeyError) as err:
+        except MemitError as err:
             raise click.ClickException(str(err)) from err
 
 
@@ -26,7 +27,13 @@ class _Group(click.Group):
 def main(verbose: int) -> None:
     """Mass-edit facts in a causal language model and measure the result."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    configured = bool(logging.getLogger().handlers)  # by the caller of main(), e.g. tests
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0 and not configured:
+        # Long steps still report their progress (a tqdm bar in a terminal, else a line a minute).
+        from memit.utils.progress import show_progress_lines
+
+        show_progress_lines(logging.getLogger().handlers)
 
 
 @main.command()
@@ -84,10 +91,10 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
     import dataclasses
     import shutil
 
-    from memit.editing.base import resolve_hparams
     from memit.editing.mend.main import MENDEditor, default_network_dir
-    from memit.editing.mend.train import train_mend as train, training_examples
-    from memit.evaluation.datasets import load_cases
+    from memit.editing.mend.train import train_mend as train
+    from memit.editing.methods import resolve_hparams
+    from memit.evaluation.datasets import load_cases, training_examples
     from memit.models import load_model
 
     model, tok = load_model(model_name)
@@ -95,12 +102,13 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
     if steps is not None:
         hp = dataclasses.replace(hp, train_steps=steps)
     excluded = {c.case_id for path in exclude_data_file for c in load_cases(None, path)[2]}
-    cases = [c for c in load_cases(None, data_file)[2] if c.case_id not in excluded]
+    dataset, _, cases = load_cases(None, data_file)
+    cases = [c for c in cases if c.case_id not in excluded]
     layout = MENDEditor(hp).layout(model)
     folder = Path(out) if out else default_network_dir(model)
     # A killed training continues from its last checkpoint when started again.
     checkpoint = folder / "checkpoint"
-    network = train(model, tok, layout, hp, training_examples(cases), seed=seed, checkpoint_dir=checkpoint)
+    network = train(model, tok, layout, hp, training_examples(cases, dataset), seed=seed, checkpoint_dir=checkpoint)
     network.save(folder)
     shutil.rmtree(checkpoint, ignore_errors=True)
     click.echo(f"Trained on {len(cases)} cases ({len(excluded)} ids excluded); network saved to {folder}")

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memit.errors import InputError, MissingFileError
 from memit.models.loading import model_fingerprint
 from memit.utils.io import atomic_path, read_json, write_json
 
@@ -33,6 +34,8 @@ class WeightDeltas:
     deltas: dict[str, torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Seconds per phase of the edit that made these deltas (not saved).
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -83,7 +86,7 @@ class WeightDeltas:
     def load(cls, directory: str | Path) -> "WeightDeltas":
         directory = Path(directory)
         if not (directory / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"deltas: {directory / WEIGHTS_FILE} does not exist")
+            raise MissingFileError(f"deltas: {directory / WEIGHTS_FILE} does not exist")
         manifest = read_json(directory / CONFIG_FILE, what="edit config")
         state = load_file(str(directory / STATE_FILE)) if (directory / STATE_FILE).is_file() else {}
         return cls(load_file(str(directory / WEIGHTS_FILE)), manifest, state)
@@ -92,7 +95,7 @@ class WeightDeltas:
         params = dict(model.named_parameters())
         for name, delta in self.deltas.items():
             if name not in params:
-                raise KeyError(f"deltas: the model has no parameter {name!r}")
+                raise InputError(f"deltas: the model has no parameter {name!r}")
             if params[name].shape != delta.shape:
-                raise ValueError(f"deltas: {name} has shape {tuple(params[name].shape)}, delta {tuple(delta.shape)}")
+                raise InputError(f"deltas: {name} has shape {tuple(params[name].shape)}, delta {tuple(delta.shape)}")
         return params

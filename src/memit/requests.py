@@ -7,10 +7,11 @@ from typing import Any, Iterable, Mapping
 
 from transformers import PreTrainedTokenizerBase
 
+from memit.errors import InputError
 from memit.utils.io import read_json
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request is malformed; the message names the request index and the field."""
 
 

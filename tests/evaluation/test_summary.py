@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from memit.cli import main
-from memit.evaluation.scaling import cases_for, find_run, plot_scaling
 from memit.evaluation.runner import RunConfig
-from memit.evaluation.summary import format_table, harmonic_mean, summarize_run
+from memit.evaluation.scaling import cases_for, find_run, plot_scaling
+from memit.evaluation.summary import format_table, summarize_run
 
 
 def _make_run(folder, num_edits, cases, dataset="cf"):
@@ -42,7 +42,7 @@ def test_summary_means_std_and_score(tmp_path):
     assert s.value("post", "fluency") == pytest.approx(5.0) and "fluency" not in s.stats["pre"]
     table = format_table(s)
     assert "Score" in table and f"{100 * means[0]:.1f} ± " in table
-    assert harmonic_mean(means) == pytest.approx(s.score("post"))
+    assert 3 / sum(1 / m for m in means) == pytest.approx(s.score("post"))
 
 
 def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):

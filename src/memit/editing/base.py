@@ -1,27 +1,30 @@
-"""The interface every editing method implements, and the method registry."""
+"""The interface every editing method implements (the catalogue of methods is editing/methods.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
-from memit.editing.hparams import HyperParams, HyperParamsError, preset_name_for
+from memit.editing.hparams import HyperParams, HyperParamsError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.requests import EditRequest, check_tokenization, parse_requests
+from memit.stats.corpus import FALLBACK_CORPUS, Corpus, resolve_corpus
 
 
 @dataclass
 class EditOptions:
     """How to run an edit; none of these change what the edit should compute."""
 
-    # A corpus file or dataset name for key statistics; overrides the preset's mom2_dataset.
+    # A corpus (file, packaged or hub name) for key statistics, overriding the preset's
+    # mom2_dataset; it must load, where the preset's may fall back to the packaged sample.
     corpus: str | None = field(default_factory=lambda: os.environ.get("MEMIT_CORPUS"))
     stats_dir: str | None = None
     # Requests whose target vectors are optimised together.
@@ -43,6 +46,16 @@ class EditTask:
     layout: ModelLayout
     requests: list[EditRequest]
     earlier: Sequence[WeightDeltas] = ()
+    # Seconds spent in each named phase of the edit (for benchmarks and logs).
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 class Editor(ABC):
@@ -56,6 +69,7 @@ class Editor(ABC):
             raise HyperParamsError(f"hparams: {self.name} needs {self.hparams_class.__name__}, got {type(hparams).__name__}")
         self.hparams = hparams
         self.options = options or EditOptions()
+        self._corpus: Corpus | None = None
 
     @abstractmethod
     def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
@@ -65,6 +79,14 @@ class Editor(ABC):
         """Tensors that later edits need from this one, computed on the edited model (kept
         in :attr:`WeightDeltas.state`); none by default."""
         return {}
+
+    def corpus(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> Corpus:
+        """The key-statistics corpus, resolved once per editor: the options' corpus, else the
+        preset's ``mom2_dataset`` (methods without one use the packaged sample)."""
+        if self._corpus is None:
+            default = getattr(self.hparams, "mom2_dataset", FALLBACK_CORPUS)
+            self._corpus = resolve_corpus(self.options.corpus, default, model, tok)
+        return self._corpus
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
         hp = self.hparams
@@ -89,7 +111,8 @@ class Editor(ABC):
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
         task = EditTask(model, tok, layout, requests, earlier)
-        deltas = self.compute_deltas(task)
+        with task.timed("edit"):
+            deltas = self.compute_deltas(task)
         manifest = {
             "algorithm": self.name,
             "hparams": self.hparams.to_dict(),
@@ -97,40 +120,10 @@ class Editor(ABC):
             "model_fingerprint": model_fingerprint(model),
             "model_name": getattr(model.config, "_name_or_path", ""),
         }
-        edit = WeightDeltas(deltas, manifest).apply(model)
+        edit = WeightDeltas(deltas, manifest, timings=task.timings).apply(model)
         try:
             edit.state = self.edit_state(task)
         except BaseException:
             edit.revert(model)  # no half-finished edit left on the model
             raise
         return edit
-
-
-EDITORS: dict[str, type[Editor]] = {}
-
-
-def register(cls: type[Editor]) -> type[Editor]:
-    EDITORS[cls.name] = cls
-    return cls
-
-
-def get_editor_class(name: str) -> type[Editor]:
-    import memit.editing.methods  # noqa: F401  (registers the methods)
-
-    if name not in EDITORS:
-        raise ValueError(f"alg: unknown editing method {name!r}; choose one of {sorted(EDITORS)}")
-    return EDITORS[name]
-
-
-def resolve_hparams(algorithm: str, hparams: HyperParams | str | Path | Mapping | None, model: PreTrainedModel) -> HyperParams:
-    """A hyperparameter object from an object, a dict, a JSON file, a preset name, or the
-    preset matching the model's name when None."""
-    cls = get_editor_class(algorithm).hparams_class
-    if isinstance(hparams, HyperParams):
-        return hparams
-    if isinstance(hparams, Mapping):
-        return cls.from_dict(hparams)
-    if hparams is not None and Path(hparams).is_file():
-        return cls.from_json(hparams)
-    name = str(hparams) if hparams is not None else preset_name_for(getattr(model.config, "_name_or_path", ""))
-    return cls.preset(name)

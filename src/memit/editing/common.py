@@ -11,12 +11,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.base import EditOptions
 from memit.editing.context import ContextTemplates, get_context_templates
+from memit.editing.hparams import CovarianceParams, ZOptimizationParams
 from memit.editing.keys import compute_keys, layer_outputs_at_subject
-from memit.editing.memit.hparams import CovarianceParams, ZOptimizationParams
 from memit.editing.targets import compute_targets
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
-from memit.stats import SecondMomentCache, resolve_corpus
+from memit.stats import Corpus, SecondMomentCache
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,10 @@ def second_moments(
     layout: ModelLayout,
     hp: CovarianceParams,
     layers: list[int],
+    corpus: Corpus,
     options: EditOptions,
 ) -> dict[int, torch.Tensor]:
     """The cached key second moments E[k kᵀ] at ``layers`` (computed once per model and corpus)."""
-    corpus = resolve_corpus(options.corpus or hp.mom2_dataset, model, tok)
     return SecondMomentCache(options.stats_dir).get(
         model, tok, layout, layers, corpus, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype,
         autocast=options.autocast,

@@ -1,19 +1,38 @@
-"""Hyperparameters as dataclasses loaded from JSON presets, with unknown keys rejected."""
+"""Hyperparameters as dataclasses loaded from JSON presets, with unknown keys rejected, and
+the groups several methods share (target-vector optimisation, key statistics)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import types
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, TypeVar
 
+from memit.errors import InputError
+from memit.stats.second_moment import STATS_DTYPES
 from memit.utils.io import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 H = TypeVar("H", bound="HyperParams")
 
+# Fields of the paper's hyperparameter files that memit does not read, and why; a file that
+# has them still loads (the paper's presets ship verbatim), with one warning naming them.
+PAPER_FIELDS_NOT_READ = {
+    "v_loss_layer": "the loss is always read at the model's output",
+    "layer_selection": "every layer in 'layers' is edited",
+    "mom2_adjustment": "MEMIT and AlphaEdit always use the key second moment",
+    "mlp_module_tmp": "modules are found from the model's architecture",
+    "attn_module_tmp": "modules are found from the model's architecture",
+    "ln_f_module": "modules are found from the model's architecture",
+    "lm_head_module": "modules are found from the model's architecture",
+}
 
-class HyperParamsError(ValueError):
+
+class HyperParamsError(InputError):
     pass
 
 
@@ -26,6 +45,10 @@ class HyperParams:
     @classmethod
     def from_dict(cls: type[H], data: Mapping[str, Any], source: str = "hyperparameters") -> H:
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        not_read = tuple(sorted(k for k in data if k in PAPER_FIELDS_NOT_READ and k not in fields))
+        if not_read:
+            _report_not_read(cls.algorithm, source, not_read)
+            data = {k: v for k, v in data.items() if k not in not_read}
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise HyperParamsError(f"{source}: unknown {cls.algorithm} hyperparameter(s) {unknown}")
@@ -76,6 +99,51 @@ class HyperParams:
                 raise HyperParamsError(f"hyperparameter '{name}' must be positive")
 
 
+@dataclasses.dataclass
+class ZOptimizationParams(HyperParams):
+    """The target-vector optimisation shared by MEMIT, ROME and AlphaEdit (names as in the paper's code)."""
+
+    layers: list[int]
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    fact_token: str = "subject_last"
+    # Generated context prefixes: for each [length, count], count prefixes of length tokens.
+    context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
+    # The paper's module names; taken from the model's architecture when absent.
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_layers()
+        if self.fact_token != "subject_last":
+            raise HyperParamsError(f"hyperparameter 'fact_token': only 'subject_last' is supported, got {self.fact_token!r}")
+        self.check_positive("v_num_grad_steps", "v_lr", "clamp_norm_factor")
+
+
+@dataclasses.dataclass
+class CovarianceParams(HyperParams):
+    """Where the key second moment comes from."""
+
+    # A corpus name (see memit.stats.corpus) or file; the editing options' corpus overrides it.
+    mom2_dataset: str = "wikipedia"
+    mom2_n_samples: int = 100000
+    mom2_dtype: str = "float32"
+    # Tokens kept per corpus sample; None keeps the model's context length as the paper does.
+    mom2_max_tokens: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_positive("mom2_n_samples")
+        if self.mom2_dtype not in STATS_DTYPES:
+            raise HyperParamsError(f"hyperparameter 'mom2_dtype': unknown dtype {self.mom2_dtype!r}; choose one of {sorted(STATS_DTYPES)}")
+        if self.mom2_max_tokens is not None:
+            self.check_positive("mom2_max_tokens")
+
+
 def preset_dir(algorithm: str) -> Path:
     return Path(str(resources.files("memit") / "presets" / algorithm))
 
@@ -92,6 +160,12 @@ def preset_name_for(model_name: str) -> str:
     if model_name == DEFAULT_MODEL:
         return DEFAULT_MODEL_NAME
     return Path(model_name.rstrip("/")).name if Path(model_name).exists() else model_name.replace("/", "_")
+
+
+@functools.cache
+def _report_not_read(algorithm: str, source: str, names: tuple[str, ...]) -> None:
+    reasons = "; ".join(f"{n} ({PAPER_FIELDS_NOT_READ[n]})" for n in names)
+    log.warning("%s: %s hyperparameter(s) of the paper's format that memit does not read: %s", source, algorithm, reasons)
 
 
 def _required(field: dataclasses.Field) -> bool:

@@ -59,15 +59,11 @@ class TargetBatch:
                 rows.append(row)
                 positions.append(len(prompt_ids) - 1 + offset)
                 tokens.append(token)
-        width = max(map(len, sequences))
-        ids = torch.full((len(sequences), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        # Right padding keeps every token at its unpadded position.
+        padded = tok.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         return cls(
-            {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+            {"input_ids": padded["input_ids"].to(device), "attention_mask": padded["attention_mask"].to(device)},
             as_tensor(rows), as_tensor(positions), as_tensor(tokens), len(pairs),
         )
 

@@ -20,16 +20,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates, flatten
-from memit.editing.memit.hparams import ZOptimizationParams
+from memit.editing.hparams import ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.utils.grad import bf16_autocast, trainable_only
 from memit.utils.hooks import first_tensor, rewrite_output, run_and_capture, skip_layers_below
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def compute_targets(
     ordered = [requests[i] for i in order]
     parts = []
     chunks = range(0, len(requests), batch_size)
-    for start in tqdm(chunks, desc="target vectors", unit="batch", disable=None if len(chunks) > 1 else True):
+    for start in progress(chunks, desc="target vectors", unit="batches", logger=log, disable=len(chunks) <= 1, leave=False):
         chunk = ordered[start : start + batch_size]
         problem = _build_problem(tok, chunk, context_templates)
         parts.append(_optimise(model, layout, problem, len(chunk), hparams, layer, init_module, fast, autocast))

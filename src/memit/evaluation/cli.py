@@ -8,35 +8,16 @@ from pathlib import Path
 import click
 
 from memit.cli_options import edit_options, edit_options_from
-from memit.evaluation.datasets import DATASETS
+from memit.evaluation.datasets import DATASETS, DEFAULT_DATASET
 
 log = logging.getLogger(__name__)
-
-
-def _user_errors(func):
-    """Turn input errors (bad data file, run, request, download) into a clean CLI error."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from memit.evaluation.datasets import DatasetError
-        from memit.evaluation.download import DownloadError
-        from memit.evaluation.runner import RunError
-        from memit.requests import RequestError
-
-        try:
-            return func(*args, **kwargs)
-        except (DatasetError, RunError, RequestError, DownloadError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from None
-
-    return wrapper
 
 
 def _run_options(func):
     options = [
         click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend)."),
         click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'."),
-        click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Data set schema (detected from --data-file if omitted; default cf)."),
+        click.option("--dataset", type=click.Choice(list(DATASETS)), default=None, help=f"Data set schema (detected from --data-file if omitted; default {DEFAULT_DATASET})."),
         click.option("--data-file", default=None, type=click.Path(dir_okay=False, exists=True), help="Evaluate this file instead of the data set's default file."),
         click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data)."),
         click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset)."),
@@ -50,7 +31,7 @@ def _run_options(func):
 
 
 def _dataset(dataset: str | None, data_file: str | None) -> str | None:
-    return dataset if dataset or data_file else "cf"
+    return dataset if dataset or data_file else DEFAULT_DATASET
 
 
 @click.command()
@@ -60,7 +41,6 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N cases.")
 @click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
 @edit_options
-@_user_errors
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
              num_edits, sequential_batches, limit, continue_from_run, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
@@ -82,7 +62,6 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of tables.")
 @click.option("--compare", is_flag=True, help="Print one Markdown table with a row per run (post-edit means) instead.")
-@_user_errors
 def summarize(run_dirs, as_json, compare):
     """Mean ± std of each metric over the cases of each run, before (pre) and after (post)."""
     from memit.evaluation.summary import format_comparison, format_table, summaries_json, summarize_run
@@ -102,7 +81,6 @@ def summarize(run_dirs, as_json, compare):
 @click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
 @edit_options
-@_user_errors
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
           num_edits, min_cases, plot_path, **edit_opts):
     """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
@@ -137,14 +115,12 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data).")
 @click.option("--base-url", default=None, help="Host to download from (default: the paper's).")
 @click.option("--retries", default=3, show_default=True)
-@_user_errors
 def download(names, data_dir, base_url, retries):
     """Download data sets (cf, mcf, zsre, known, generation, or file names), verifying sha256."""
     from memit.evaluation import datasets
-    from memit.evaluation.download import BASE_URL, download as fetch
+    from memit.evaluation.download import BASE_URL
+    from memit.evaluation.download import download as fetch
 
     for path in fetch(list(names), datasets.data_dir(data_dir), base_url or BASE_URL, retries=retries):
         click.echo(f"{path}")
 
-
-COMMANDS = (evaluate, summarize, scale, download)

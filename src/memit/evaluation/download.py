@@ -14,10 +14,11 @@ import os
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from memit.errors import MemitError
+from memit.evaluation.datasets import DATASETS, RemoteFile
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -25,36 +26,32 @@ BASE_URL = "https://memit.baulab.info/data/dsets"
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    sha256: str | None = None
-    size: int | None = None
-
-
-FILES: dict[str, RemoteFile] = {
-    f.name: f
-    for f in (
-        RemoteFile("counterfact.json", "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f", 45_108_470),
-        RemoteFile("multi_counterfact.json"),
-        RemoteFile("zsre_mend_eval.json"),
-        RemoteFile("known_1000.json", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a", 343_229),
-        RemoteFile("attribute_snippets.json", "10b5c1cd105e54d5983c72de1b45bfc88bc7af786f7b99def2557886ff23385b", 926_285_719),
-        RemoteFile("idf.npy", "c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda", 11_042_168),
-        RemoteFile("tfidf_vocab.json", "8a78c4f20d8d85dadfd14e283d71af255482ff18aa0eb8a81716024c05ff888b", 31_639_072),
-    )
-}
-# Names accepted by ``memit download``.
-BUNDLES: dict[str, tuple[str, ...]] = {
-    "cf": ("counterfact.json",),
-    "mcf": ("multi_counterfact.json",),
-    "zsre": ("zsre_mend_eval.json",),
+# Files that belong to no data set; each data set's own come from its description.
+OTHER_FILES: tuple[RemoteFile, ...] = (
+    RemoteFile("known_1000.json", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a", 343_229),
+    RemoteFile("attribute_snippets.json", "10b5c1cd105e54d5983c72de1b45bfc88bc7af786f7b99def2557886ff23385b", 926_285_719),
+    RemoteFile("idf.npy", "c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda", 11_042_168),
+    RemoteFile("tfidf_vocab.json", "8a78c4f20d8d85dadfd14e283d71af255482ff18aa0eb8a81716024c05ff888b", 31_639_072),
+)
+OTHER_BUNDLES: dict[str, tuple[str, ...]] = {
     "known": ("known_1000.json",),
     "generation": ("attribute_snippets.json", "idf.npy", "tfidf_vocab.json"),
 }
 
 
-class DownloadError(RuntimeError):
+def remote_files() -> dict[str, RemoteFile]:
+    """Every downloadable file by name."""
+    specs = [f for spec in DATASETS.values() for f in spec.remote_files]
+    return {f.name: f for f in (*specs, *OTHER_FILES)}
+
+
+def bundles() -> dict[str, tuple[str, ...]]:
+    """Names accepted by ``memit download``: each downloadable data set, then the others."""
+    own = {spec.name: tuple(f.name for f in spec.remote_files) for spec in DATASETS.values() if spec.remote_files}
+    return {**own, **OTHER_BUNDLES}
+
+
+class DownloadError(MemitError, RuntimeError):
     """A file could not be downloaded."""
 
 
@@ -90,8 +87,8 @@ def _fetch_into(url: str, part: Path, timeout: float) -> None:
             log.info("%s: the server ignored the Range request; starting over", url)
         total = response.headers.get("Content-Length")
         total = int(total) + (have if resumed else 0) if total else None
-        with open(part, "ab" if resumed else "wb") as fh, tqdm(
-            total=total, initial=have if resumed else 0, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
+        with open(part, "ab" if resumed else "wb") as fh, progress(
+            total=total, initial=have if resumed else 0, unit="B", unit_scale=True, desc=part.name[:-5], logger=log
         ) as bar:
             for block in iter(lambda: response.read(CHUNK), b""):
                 fh.write(block)
@@ -155,18 +152,21 @@ def download_file(
 
 def download(names: list[str], folder: str | os.PathLike, base_url: str = BASE_URL, **kwargs) -> list[Path]:
     """Download data sets by bundle name (cf, mcf, zsre, known, generation) or file name."""
+    named, known = bundles(), remote_files()
     files: list[str] = []
     for name in names:
-        if name in BUNDLES:
-            files.extend(BUNDLES[name])
-        elif name in FILES:
+        if name in named:
+            files.extend(named[name])
+        elif name in known:
             files.append(name)
         else:
-            raise DownloadError(f"download: unknown data set {name!r}; choose from {', '.join([*BUNDLES, *FILES])}")
+            raise DownloadError(f"download: unknown data set {name!r}; choose from {', '.join([*named, *known])}")
     return [
-        download_file(f"{base_url.rstrip('/')}/{f}", Path(folder) / f, FILES[f].sha256, **kwargs)
+        download_file(f"{base_url.rstrip('/')}/{f}", Path(folder) / f, known[f].sha256, **kwargs)
         for f in dict.fromkeys(files)
     ]
 
 
-__all__ = ["BASE_URL", "BUNDLES", "ChecksumError", "DownloadError", "FILES", "download", "download_file", "sha256_of"]
+__all__ = [
+    "BASE_URL", "ChecksumError", "DownloadError", "RemoteFile", "bundles", "download", "download_file", "remote_files", "sha256_of",
+]

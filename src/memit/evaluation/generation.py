@@ -13,8 +13,6 @@ similarity to attribute snippets), as the paper's code computes them.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import math
 import os
@@ -23,13 +21,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics.pairwise import cosine_similarity
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.errors import InputError
+from memit.stats.corpus import Corpus
 from memit.utils.io import read_json
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,8 @@ class TfidfModel:
 
     def similarity(self, text_a: str, text_b: str) -> float:
         """The paper's ``tfidf_similarity``: cosine of the two TF-IDF vectors."""
-        encs = self.vectorizer.transform([text_a, text_b]).toarray()
-        norms = np.linalg.norm(encs, axis=1)
-        if not norms.all():
-            return 0.0
-        return float(encs[0] @ encs[1] / norms[0] / norms[1])
+        encs = self.vectorizer.transform([text_a, text_b])
+        return float(cosine_similarity(encs[0], encs[1])[0, 0])
 
 
 def paper_tfidf(folder: str | os.PathLike) -> TfidfModel | None:
@@ -129,32 +127,17 @@ def paper_tfidf(folder: str | os.PathLike) -> TfidfModel | None:
     return TfidfModel(vec, "paper")
 
 
-def corpus_texts(path: str | os.PathLike) -> Iterator[str]:
-    """Texts of a .txt (one per line) or .jsonl(.gz) corpus with a ``text`` field."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if ".jsonl" in path.name:
-                yield json.loads(line).get("text", "")
-            else:
-                yield line
-
-
-def local_tfidf(corpus: str | os.PathLike, n_docs: int = 2000) -> TfidfModel:
-    """A vectorizer fitted on the first ``n_docs`` documents of a local corpus (not the paper's)."""
-    log.info("Fitting TF-IDF on %d documents of %s (not the paper's idf)", n_docs, corpus)
+def local_tfidf(corpus: Corpus, n_docs: int = 2000) -> TfidfModel:
+    """A vectorizer fitted on the first ``n_docs`` documents of ``corpus`` (not the paper's)."""
+    log.info("Fitting TF-IDF on %d documents of %s (not the paper's idf)", n_docs, corpus.identity)
     vec = TfidfVectorizer()
-    vec.fit(islice(corpus_texts(corpus), n_docs))
-    return TfidfModel(vec, f"local:{Path(corpus).name}")
+    vec.fit(islice(corpus.texts(), n_docs))
+    return TfidfModel(vec, f"local:{corpus.identity}")
 
 
-def load_tfidf(folder: str | os.PathLike, corpus: str | os.PathLike | None) -> TfidfModel | None:
-    """The paper's vectorizer if its files are in ``folder``, else one fitted on ``corpus``."""
-    model = paper_tfidf(folder)
-    if model is None and corpus and Path(corpus).is_file():
-        model = local_tfidf(corpus)
-    return model
+def load_tfidf(folder: str | os.PathLike, corpus: Callable[[], Corpus]) -> TfidfModel:
+    """The paper's vectorizer if its files are in ``folder``, else one fitted on ``corpus()``."""
+    return paper_tfidf(folder) or local_tfidf(corpus())
 
 
 Snippets = dict[str, dict[str, list[dict]]]
@@ -170,7 +153,7 @@ def load_snippets(folder: str | os.PathLike) -> Snippets | None:
         try:
             snips[entry["relation_id"]][entry["target_id"]].extend(entry["samples"])
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{path}: record {i}: missing field {err}") from None
+            raise InputError(f"{path}: record {i}: missing field {err}") from None
     return snips
 
 

@@ -14,26 +14,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
-from memit.editing.base import EditOptions, Editor, get_editor_class, resolve_hparams
+from memit.editing.base import EditOptions, Editor
 from memit.editing.hparams import HyperParams
-from memit.evaluation.datasets import Case, CounterFactCase, ZsreCase, data_dir, load_cases
+from memit.editing.methods import get_editor_class, resolve_hparams
+from memit.errors import InputError
+from memit.evaluation.datasets import (
+    DEFAULT_DATASET,
+    Case,
+    CounterFactCase,
+    DatasetSpec,
+    data_dir,
+    dataset_of,
+    get_dataset,
+    load_cases,
+)
 from memit.evaluation.generation import (
-    TfidfModel,
     Snippets,
+    TfidfModel,
     consistency,
     fluency,
     generate_greedy,
     load_snippets,
     load_tfidf,
 )
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
-from memit.evaluation.metrics_zsre import evaluate_zsre_case
 from memit.requests import RequestError, check_tokenization, parse_requests
+from memit.stats.corpus import Corpus
 from memit.utils.io import read_json, write_json
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +56,7 @@ GENERATION_BATCH = 128
 RUN_IDENTITY = ("alg", "model", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run cannot be started or continued as asked."""
 
 
@@ -56,7 +66,7 @@ class RunConfig:
 
     alg: str = "MEMIT"
     model: str = "default"
-    dataset: str | None = "cf"
+    dataset: str | None = DEFAULT_DATASET
     data_file: str | None = None
     data_dir: str | None = None
     num_edits: int = 1
@@ -85,7 +95,8 @@ class GenerationResources:
     tfidf: TfidfModel | None = None
 
     @classmethod
-    def load(cls, folder: Path, corpus: str | None) -> "GenerationResources":
+    def load(cls, folder: Path, corpus: Callable[[], Corpus]) -> "GenerationResources":
+        """``corpus`` is asked for only when the paper's TF-IDF files are missing."""
         snippets = load_snippets(folder)
         if snippets is None:
             log.warning("No %s in %s: consistency is skipped (fluency is still computed)", "attribute_snippets.json", folder)
@@ -154,13 +165,14 @@ def evaluate_case(
     generation: GenerationResources | None,
     generation_tokens: int = 100,
     texts: list[str] | None = None,
+    spec: DatasetSpec | None = None,
 ) -> dict[str, Any]:
-    """All metrics of ``case`` on the model as it is now; ``generation`` None skips the
-    generation metrics, ``texts`` are its generated texts if already computed."""
-    if isinstance(case, ZsreCase):
-        return evaluate_zsre_case(model, tok, case)
-    metrics = evaluate_counterfact_case(model, tok, case)
-    if generation is not None and case.generation_prompts:
+    """All metrics of ``case`` of data set ``spec`` (default: the first with cases of its
+    type) on the model as it is now; ``generation`` None skips the generation metrics,
+    ``texts`` are its generated texts if already computed."""
+    spec = spec or dataset_of(case)
+    metrics = spec.evaluate_case(model, tok, case)
+    if generation is not None and _has_generation(case, spec):
         if texts is None:
             texts = generate_greedy(model, tok, case.generation_prompts, max_new_tokens=generation_tokens)
         metrics.update(generation_metrics(case, texts, generation))
@@ -173,25 +185,35 @@ def evaluate_cases(
     cases: list[Case],
     generation: GenerationResources | None,
     generation_tokens: int = 100,
+    spec: DatasetSpec | None = None,
 ) -> Iterator[tuple[Case, dict[str, Any], float]]:
     """(case, metrics, seconds) for each case, generating the texts of several cases in one
     batch: on a CPU a decoding step reads every weight, whether for 10 prompts or 128."""
     for chunk in _groups(cases, CASES_PER_GENERATION_BATCH):
         start = time.perf_counter()
-        texts = _generated_texts(model, tok, chunk, generation, generation_tokens)
+        texts = _generated_texts(model, tok, chunk, generation, generation_tokens, spec)
         shared = (time.perf_counter() - start) / len(chunk)
         for case in chunk:
             start = time.perf_counter()
-            metrics = evaluate_case(model, tok, case, generation, generation_tokens, texts.get(case.case_id))
+            metrics = evaluate_case(model, tok, case, generation, generation_tokens, texts.get(case.case_id), spec)
             yield case, metrics, shared + time.perf_counter() - start
 
 
+def _has_generation(case: Any, spec: DatasetSpec | None = None) -> bool:
+    return (spec or dataset_of(case)).has_generation and bool(case.generation_prompts)
+
+
 def _generated_texts(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: list[Case], generation: GenerationResources | None, tokens: int
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    cases: list[Case],
+    generation: GenerationResources | None,
+    tokens: int,
+    spec: DatasetSpec | None = None,
 ) -> dict[Any, list[str]]:
     if generation is None:
         return {}
-    prompted = [c for c in cases if isinstance(c, CounterFactCase) and c.generation_prompts]
+    prompted: list[Any] = [c for c in cases if _has_generation(c, spec)]
     texts = generate_greedy(model, tok, [p for c in prompted for p in c.generation_prompts], tokens, batch_size=GENERATION_BATCH)
     out: dict[Any, list[str]] = {}
     for case in prompted:
@@ -235,11 +257,18 @@ def _pre_metrics(
         return cache / f"case_{case.case_id}.json" if cache is not None else None
 
     pre = {c.case_id: read_json(p, what="cached pre-edit metrics") for c in cases if (p := path(c)) is not None and p.is_file()}
-    for case, metrics, _ in evaluate_cases(model, tok, [c for c in cases if c.case_id not in pre], generation, config.generation_tokens):
+    todo = [c for c in cases if c.case_id not in pre]
+    scored = evaluate_cases(model, tok, todo, generation, config.generation_tokens, _run_spec(config))
+    for case, metrics, _ in progress(scored, total=len(todo), desc="unedited scoring", unit="cases", logger=log, leave=False):
         if (p := path(case)) is not None:
             write_json(p, metrics)
         pre[case.case_id] = metrics
     return pre
+
+
+def _run_spec(config: RunConfig) -> DatasetSpec:
+    """The data set of a started run (its config names the loaded or detected one)."""
+    return get_dataset(config.dataset or DEFAULT_DATASET)
 
 
 def _groups(cases: list[Case], size: int) -> list[list[Case]]:
@@ -336,17 +365,18 @@ def run_evaluation(
         "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
         "skipped_case_ids": skipped, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    # One editor for the whole run, so that what it derives from the statistics is reused.
+    editor = get_editor_class(config.alg)(hparams, options)
     generation = None
-    if not config.skip_generation and any(isinstance(c, CounterFactCase) and c.generation_prompts for c in cases):
-        generation = GenerationResources.load(folder, options.corpus)
+    spec = get_dataset(dataset)
+    if not config.skip_generation and any(_has_generation(c, spec) for c in cases):
+        generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
     pre_cache = pre_cache_dir(config, model, generation is not None)
     group_size = config.num_edits * config.sequential_batches
     todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
     log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
-    # One editor for the whole run, so that what it derives from the statistics is reused.
-    editor = get_editor_class(config.alg)(hparams, options)
-    for group in tqdm(todo, desc=f"evaluate {run_dir.name}", unit="group", disable=None):
+    for group in progress(todo, desc=f"evaluate {run_dir.name}", unit="groups", logger=log):
         _run_group(model, tok, editor, config, run_dir, group, generation, hooks, pre_cache)
     shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
     return run_dir
@@ -376,7 +406,8 @@ def _run_group(
             applied.append(_edit_or_reload(model, tok, editor, run_dir, group, k, batch, applied, hooks))
         edit_seconds = time.perf_counter() - start
         log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
-        for case, post, seconds in evaluate_cases(model, tok, pending, generation, config.generation_tokens):
+        scored = evaluate_cases(model, tok, pending, generation, config.generation_tokens, _run_spec(config))
+        for case, post, seconds in progress(scored, total=len(pending), desc="post-edit scoring", unit="cases", logger=log, leave=False):
             record = {
                 "case_id": case.case_id,
                 "num_edits": config.num_edits,

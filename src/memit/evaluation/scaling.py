@@ -7,11 +7,13 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.editing.base import EditOptions, resolve_hparams
-from memit.evaluation.datasets import data_dir, default_data_file
+from memit.editing.base import EditOptions
+from memit.editing.methods import resolve_hparams
+from memit.evaluation.datasets import DEFAULT_DATASET, data_dir, default_data_file
 from memit.evaluation.runner import RUN_IDENTITY, RunConfig, hparams_json, list_runs, run_evaluation
 from memit.evaluation.summary import RunSummary, summarize_run
 from memit.utils.io import atomic_path, read_json
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,9 @@ def run_scaling(
 ) -> list[RunSummary]:
     """One run per batch size (reusing or continuing finished ones); their summaries."""
     hp = resolve_hparams(base.alg, hparams if hparams is not None else base.hparams, model)
-    data_file = Path(base.data_file) if base.data_file else default_data_file(base.dataset or "cf", data_dir(base.data_dir))
+    data_file = Path(base.data_file) if base.data_file else default_data_file(base.dataset or DEFAULT_DATASET, data_dir(base.data_dir))
     summaries = []
-    for n in sorted(num_edits):
+    for n in progress(sorted(num_edits), desc="scaling runs", unit="runs", logger=log):
         config = dataclasses.replace(
             base, num_edits=n, sequential_batches=1, limit=cases_for(n, min_cases), data_file=str(data_file.resolve())
         )

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memit.errors import MissingFileError
+from memit.evaluation.datasets import DATASETS
 from memit.evaluation.runner import PARAMS_FILE
 from memit.utils.io import read_json
 
@@ -67,7 +69,7 @@ class RunSummary:
         means = [self.stats[phase].get(k) for k in SUCCESS_KEYS]
         if any(m is None for m in means):
             return None
-        return harmonic_mean([m.mean for m in means])
+        return statistics.harmonic_mean([m.mean for m in means])
 
     def value(self, phase: str, key: str) -> float | None:
         if key == "score":
@@ -99,13 +101,6 @@ class RunSummary:
         return out
 
 
-def harmonic_mean(values: list[float]) -> float:
-    """The paper's Score (0 if any value is 0)."""
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1 / v for v in values)
-
-
 def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
     records = []
     for path in sorted(run_dir.glob("case_*.json")):
@@ -116,7 +111,7 @@ def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
 def summarize_run(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
-        raise FileNotFoundError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")
+        raise MissingFileError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")
     records = load_case_records(run_dir)
     summary = RunSummary(run_dir, read_json(run_dir / PARAMS_FILE, what="run parameters"), len(records))
     for phase in ("pre", "post"):
@@ -133,6 +128,12 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     return summary
 
 
+def metric_labels(dataset: str | None) -> dict[str, str]:
+    """Labels of the metrics, with the overrides of the run's data set (if still known)."""
+    spec = DATASETS.get(dataset) if dataset else None
+    return {**LABELS, **(spec.labels if spec is not None else {})}
+
+
 def format_table(summary: RunSummary) -> str:
     """A paper-style table: mean ± std x 100 for rates and fluency, pre and post."""
     config = summary.params.get("config", {})
@@ -141,6 +142,7 @@ def format_table(summary: RunSummary) -> str:
         f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases}"
     )
     lines = [head, f"{'metric (x100)':<34}{'pre':>18}{'post':>18}"]
+    labels = metric_labels(config.get("dataset"))
     for key in ("score", *METRICS):
         cells = []
         for phase in ("pre", "post"):
@@ -152,9 +154,7 @@ def format_table(summary: RunSummary) -> str:
                 cells.append("-" if stat is None else f"{100 * stat.mean:.1f} ± {100 * stat.std:.1f}")
         if all(c == "-" for c in cells):
             continue
-        label = LABELS[key]
-        if key == "neighborhood_acc" and config.get("dataset") == "zsre":
-            label += " (specificity)"
+        label = labels[key]
         if key == "consistency" and summary.consistency_tfidf and summary.consistency_tfidf != "paper":
             label += " [not the paper's idf]"
         lines.append(f"{label:<34}{cells[0]:>18}{cells[1]:>18}")
@@ -187,4 +187,4 @@ def summaries_json(summaries: list[RunSummary]) -> str:
     return json.dumps([s.to_json() for s in summaries], indent=2)
 
 
-__all__ = ["RunSummary", "Stat", "format_comparison", "format_table", "harmonic_mean", "summaries_json", "summarize_run"]
+__all__ = ["RunSummary", "Stat", "format_comparison", "format_table", "summaries_json", "summarize_run"]

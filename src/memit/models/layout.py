@@ -8,6 +8,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from memit.errors import InputError
+
 # Names of the MLP output projection across architectures, most common first.
 _MLP_OUT_NAMES = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "out_proj")
 _MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
@@ -16,7 +18,7 @@ _MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
 _POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffn_layernorm")
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(InputError):
     pass
 
 
@@ -70,7 +72,7 @@ class ModelLayout:
     def check_layers(self, layers: list[int], field: str = "layers") -> None:
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"{field}: layer(s) {bad} outside this model's 0..{self.num_layers - 1}")
+            raise InputError(f"{field}: layer(s) {bad} outside this model's 0..{self.num_layers - 1}")
 
     def as_weight(self, update: torch.Tensor) -> torch.Tensor:
         """Turn an (out, in) update into the weight's own orientation."""

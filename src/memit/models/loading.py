@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.errors import MissingFileError
 from memit.utils.io import memit_home
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def load_model(
         model, tok = _load_pretrained(str(default_model_dir()), dtype)
     elif name.endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"model: GGUF file {name} does not exist")
+            raise MissingFileError(f"model: GGUF file {name} does not exist")
         model, tok = _load_gguf(path, dtype)
     else:
         model, tok = _load_pretrained(name, dtype)

@@ -1,4 +1,4 @@
-from memit.stats.corpus import Corpus, resolve_corpus
+from memit.stats.corpus import Corpus, CorpusError, load_corpus, resolve_corpus
 from memit.stats.second_moment import SecondMomentCache, collect_second_moments
 
-__all__ = ["Corpus", "SecondMomentCache", "collect_second_moments", "resolve_corpus"]
+__all__ = ["Corpus", "CorpusError", "SecondMomentCache", "collect_second_moments", "load_corpus", "resolve_corpus"]

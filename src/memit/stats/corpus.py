@@ -1,4 +1,11 @@
-"""Text corpora for key statistics: local files, Hugging Face datasets, or model samples."""
+"""Text corpora for key statistics: the Wikipedia sample packaged with memit, local files,
+Hugging Face datasets, or text sampled from the model.
+
+A corpus is resolved once into a :class:`Corpus` whose ``identity`` keys every cache built
+from it (statistics, null-space projectors, the local TF-IDF fit). A corpus the user names
+must load, or resolving it raises :class:`CorpusError` saying why; only the preset's default
+falls back, with a warning, to the packaged sample.
+"""
 from __future__ import annotations
 
 import gzip
@@ -7,60 +14,87 @@ import itertools
 import json
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.errors import InputError, MissingFileError
+from memit.utils.progress import progress
+
 log = logging.getLogger(__name__)
 
+# Corpora inside the package: the first 2,000 articles of a 2015 English Wikipedia sample,
+# cut to the 4,096 characters that 256-token statistics samples read (scripts/make_corpus_sample.py).
+PACKAGED_CORPORA = {"wikipedia-sample": "wikipedia_en_2015_sample2000.jsonl.gz"}
+FALLBACK_CORPUS = "wikipedia-sample"
+MODEL_SAMPLES = "model-samples"
 # Hub datasets for the names the paper's presets use.
 HUB_CORPORA = {
     "wikipedia": ("wikimedia/wikipedia", "20231101.en"),
     "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
 }
+FILE_SUFFIXES = (".txt", ".jsonl", ".gz")
+
+
+class CorpusError(InputError):
+    """A corpus cannot be loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named stream of texts; ``identity`` keys the statistics cache."""
+    """A named stream of texts; ``identity`` keys the caches built from it."""
 
     identity: str
     texts: Callable[[], Iterator[str]]
 
 
 def resolve_corpus(
-    source: str | Path | None, model: PreTrainedModel | None = None, tok: PreTrainedTokenizerBase | None = None
+    named: str | Path | None,
+    default: str = FALLBACK_CORPUS,
+    model: PreTrainedModel | None = None,
+    tok: PreTrainedTokenizerBase | None = None,
 ) -> Corpus:
-    """A local ``.txt``/``.jsonl`` file (optionally ``.gz``), a hub dataset name, or, when the
-    name cannot be loaded (no network), text sampled from ``model`` with a warning."""
-    if source is not None and (Path(source).suffix in (".txt", ".jsonl", ".gz") or Path(source).exists()):
-        return file_corpus(Path(source))
-    if source is not None:
-        try:
-            return hub_corpus(str(source))
-        except Exception as err:  # any load failure offline: fall back rather than stop the edit
-            log.warning("Could not load corpus %r (%s)", source, err)
-    if model is None or tok is None:
-        raise ValueError("mom2_dataset: no corpus could be loaded and no model was given to sample text from")
-    log.warning(
-        "No text corpus available: computing key statistics on text sampled from the model itself. "
-        "Pass a corpus file (for example a Wikipedia .jsonl.gz) for statistics like the paper's."
-    )
-    return model_sample_corpus(model, tok)
+    """The corpus the user ``named`` (which must load), else the preset's ``default``, else,
+    with a warning, the packaged Wikipedia sample."""
+    if named is not None:
+        return load_corpus(named, model, tok)
+    try:
+        return load_corpus(default, model, tok)
+    except CorpusError as err:
+        log.warning("%s; using the Wikipedia sample packaged with memit instead (2,000 articles)", err)
+        return load_corpus(FALLBACK_CORPUS)
+
+
+def load_corpus(source: str | Path, model: PreTrainedModel | None = None, tok: PreTrainedTokenizerBase | None = None) -> Corpus:
+    """A packaged corpus name, ``model-samples``, a local ``.txt``/``.jsonl`` file (optionally
+    ``.gz``), or a hub dataset name."""
+    name = str(source)
+    if name in PACKAGED_CORPORA:
+        return file_corpus(Path(str(resources.files("memit") / "data" / PACKAGED_CORPORA[name])))
+    if name == MODEL_SAMPLES:
+        if model is None or tok is None:
+            raise CorpusError(f"corpus {MODEL_SAMPLES!r}: needs the model to sample text from")
+        log.warning("Computing key statistics on text sampled from the model itself, not the paper's statistic")
+        return model_sample_corpus(model, tok)
+    if Path(name).suffix in FILE_SUFFIXES or Path(name).exists():
+        return file_corpus(Path(name))
+    return hub_corpus(name)
 
 
 def file_corpus(path: Path) -> Corpus:
     if not path.is_file():
-        raise FileNotFoundError(f"corpus: file {path} does not exist")
+        raise MissingFileError(f"corpus: file {path} does not exist")
     with path.open("rb") as handle:
         head = hashlib.sha256(handle.read(1 << 20)).hexdigest()[:12]
     identity = f"{path.name}-{path.stat().st_size}-{head}"
-    return Corpus(identity, lambda: _read_texts(path))
+    return Corpus(identity, lambda: read_texts(path))
 
 
-def _read_texts(path: Path) -> Iterator[str]:
+def read_texts(path: Path) -> Iterator[str]:
+    """Texts of a .txt (one per line) or .jsonl file with a ``text`` field, optionally gzipped."""
     opener = gzip.open if path.suffix == ".gz" else open
     is_jsonl = ".jsonl" in path.suffixes
     with opener(path, "rt", encoding="utf-8") as handle:
@@ -73,28 +107,35 @@ def _read_texts(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"corpus {path}: line {line_number} is not JSON ({err})") from None
+                raise CorpusError(f"corpus {path}: line {line_number} is not JSON ({err})") from None
             if "text" not in record:
-                raise ValueError(f"corpus {path}: line {line_number} has no 'text' field")
+                raise CorpusError(f"corpus {path}: line {line_number} has no 'text' field")
             yield record["text"]
 
 
 def hub_corpus(name: str) -> Corpus:
     try:
         import datasets
-    except ImportError as err:
-        raise ImportError("loading a hub corpus needs the 'datasets' package (pip install memit[hub])") from err
+    except ImportError:
+        raise CorpusError(
+            f"corpus {name!r}: not a file or a packaged corpus ({', '.join(PACKAGED_CORPORA)}), and loading it "
+            "from the Hugging Face hub needs the 'datasets' package (pip install memit[hub])"
+        ) from None
     repo, config = HUB_CORPORA.get(name, (name, None))
-    dataset = datasets.load_dataset(repo, config, split="train", streaming=True)
-    first = next(iter(dataset))  # fail now, not midway through the statistics
+    try:
+        dataset = datasets.load_dataset(repo, config, split="train", streaming=True)
+        first = next(iter(dataset))  # fail now, not midway through the statistics
+    except Exception as err:  # offline, unknown name, gated: all mean the same to the user
+        raise CorpusError(f"corpus {name!r}: could not load {repo} from the hub ({type(err).__name__}: {err})") from None
     if "text" not in first:
-        raise ValueError(f"corpus {name}: records have no 'text' field")
+        raise CorpusError(f"corpus {name!r}: records of {repo} have no 'text' field")
     return Corpus(f"hub-{repo.replace('/', '_')}-{config}", lambda: (r["text"] for r in dataset if r["text"].strip()))
 
 
 def model_sample_corpus(model: PreTrainedModel, tok: PreTrainedTokenizerBase, length: int = 128, batch: int = 32) -> Corpus:
     def texts() -> Iterator[str]:
         generator_seed = itertools.count()
+        bar = progress(desc="sampling texts from the model", unit="texts", logger=log, leave=False)
         start = tok.bos_token or tok.eos_token
         while True:
             torch.manual_seed(next(generator_seed))
@@ -103,6 +144,7 @@ def model_sample_corpus(model: PreTrainedModel, tok: PreTrainedTokenizerBase, le
                 out = model.generate(
                     **prompt, do_sample=True, top_k=50, max_new_tokens=length, pad_token_id=tok.pad_token_id
                 )
+            bar.update(len(out))
             yield from tok.batch_decode(out[:, 1:], skip_special_tokens=True)
 
-    return Corpus("model-samples", texts)
+    return Corpus(MODEL_SAMPLES, texts)

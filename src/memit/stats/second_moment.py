@@ -1,7 +1,6 @@
 """The uncentered second moment E[k kᵀ] of MLP keys over corpus tokens, cached on disk."""
 from __future__ import annotations
 
-import contextlib
 import logging
 from itertools import islice
 from pathlib import Path
@@ -9,18 +8,21 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.stats.corpus import Corpus
+from memit.utils.grad import bf16_autocast
 from memit.utils.hooks import run_and_capture
 from memit.utils.io import atomic_path, memit_home
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dtypes the statistics may be stored in (hyperparameter mom2_dtype).
+STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def collect_second_moments(
@@ -39,11 +41,11 @@ def collect_second_moments(
     names = {layer: layout.mlp_out_name(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    progress = tqdm(total=n_samples, desc="key statistics", unit="sample", disable=None)
+    bar = progress(total=n_samples, desc="key statistics", unit="samples", logger=log)
     for batch in _token_batches(tok, islice(texts, n_samples), max_tokens, batch_tokens):
         batch = {k: v.to(model.device) for k, v in batch.items()}
         mask = batch["attention_mask"].bool()
-        with torch.no_grad(), _cpu_autocast(autocast):
+        with torch.no_grad(), bf16_autocast(autocast):
             inputs, _ = run_and_capture(model, batch, inputs_of=list(names.values()), stop_after=names[max(layers)])
         all_tokens = bool(mask.all())
         for layer, name in names.items():
@@ -53,10 +55,10 @@ def collect_second_moments(
             moment = _gram(keys).double()
             sums[layer] = moment if layer not in sums else sums[layer] + moment
         count += int(mask.sum())
-        progress.update(len(mask))
-    progress.close()
+        bar.update(len(mask))
+    bar.close()
     if count == 0:
-        raise ValueError("mom2_dataset: the corpus yielded no tokens")
+        raise InputError("mom2_dataset: the corpus yielded no tokens")
     return {layer: total / count for layer, total in sums.items()}, count
 
 
@@ -99,25 +101,17 @@ def _token_batches(
         if not ids:
             continue
         if pending and (len(pending) + 1) * max(max(map(len, pending)), len(ids)) > batch_tokens:
-            yield _pad(pending, tok.pad_token_id)
+            yield _right_padded(tok, pending)
             pending = []
         pending.append(ids)
     if pending:
-        yield _pad(pending, tok.pad_token_id)
+        yield _right_padded(tok, pending)
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(map(len, sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _cpu_autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def _right_padded(tok: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    # Right padding keeps every real token at its unpadded position.
+    padded = tok.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
 
 class SecondMomentCache:
@@ -154,7 +148,7 @@ class SecondMomentCache:
             )
             for layer in missing:
                 with atomic_path(paths[layer]) as tmp:
-                    save_file({"mom2": moments[layer].to(_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
+                    save_file({"mom2": moments[layer].to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
         return {layer: load_file(str(path))["mom2"] for layer, path in paths.items()}
 
 

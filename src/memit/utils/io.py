@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from memit.errors import InputError, MissingFileError
+
 
 def memit_home() -> Path:
     """The cache folder: ``$MEMIT_HOME`` or ``~/.cache/memit``."""
@@ -46,6 +48,6 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+        raise InputError(f"{what} {path} is not valid JSON: {err}") from None
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise MissingFileError(f"{what} {path} does not exist") from None

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memit.editing.hparams import HyperParamsError
-from memit.editing.memit.hparams import CovarianceParams, ZOptimizationParams
+from memit.editing.hparams import CovarianceParams, HyperParamsError, ZOptimizationParams
 
 
 @dataclass
@@ -24,5 +23,3 @@ class AlphaEditHyperParams(CovarianceParams, ZOptimizationParams):
             raise HyperParamsError("hyperparameter 'nullspace_threshold' must be positive")
         if self.L2 < 0:
             raise HyperParamsError("hyperparameter 'L2' must be non-negative")
-        if self.mom2_dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise HyperParamsError(f"hyperparameter 'mom2_dtype': unknown dtype {self.mom2_dtype!r}")

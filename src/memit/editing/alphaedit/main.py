@@ -19,15 +19,14 @@ import logging
 from typing import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
-from memit.editing.base import EditOptions, EditTask, register
+from memit.editing.base import EditOptions, EditTask
 from memit.editing.common import LayerSolver, context_templates, second_moments
 from memit.editing.keys import compute_keys_at
 from memit.editing.memit.main import MEMITEditor
-from memit.models.layout import ModelLayout
+from memit.errors import InputError
 from memit.models.loading import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ def keys_state_name(layer: int) -> str:
     return f"keys.layer{layer}"
 
 
-@register
 class AlphaEditEditor(MEMITEditor):
     """MEMIT with the null-space-projected solve."""
 
@@ -53,7 +51,7 @@ class AlphaEditEditor(MEMITEditor):
 
     def layer_solver(self, task: EditTask) -> LayerSolver:
         hp = self.hparams
-        projectors = self.projectors(task.model, task.tok, task.layout)
+        projectors = self.projectors(task)
         preserved = {layer: earlier_keys_gram(task.earlier, layer) for layer in hp.layers}
         if task.earlier:
             log.info("AlphaEdit: preserving the keys of %d earlier edit(s)", len(task.earlier))
@@ -69,15 +67,16 @@ class AlphaEditEditor(MEMITEditor):
         keys = compute_keys_at(task.model, task.tok, task.layout, task.requests, self.hparams.layers, templates)
         return {keys_state_name(layer): k.float().cpu() for layer, k in keys.items()}
 
-    def projectors(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout) -> dict[int, torch.Tensor]:
+    def projectors(self, task: EditTask) -> dict[int, torch.Tensor]:
         hp = self.hparams
+        corpus = self.corpus(task.model, task.tok)
         key_of = lambda layer: (  # noqa: E731
-            model_fingerprint(model), layout.mlp_out_name(layer), self.options.corpus or hp.mom2_dataset,
+            model_fingerprint(task.model), task.layout.mlp_out_name(layer), corpus.identity,
             hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype, self.options.autocast, hp.nullspace_threshold,
         )
         missing = [layer for layer in hp.layers if key_of(layer) not in self._projectors]
         if missing:
-            moments = second_moments(model, tok, layout, hp, missing, self.options)
+            moments = second_moments(task.model, task.tok, task.layout, hp, missing, corpus, self.options)
             for layer in missing:
                 projector = null_space_projector(moments[layer], hp.nullspace_threshold).float()
                 self._projectors[key_of(layer)] = projector
@@ -91,7 +90,7 @@ def earlier_keys_gram(earlier: Sequence[WeightDeltas], layer: int) -> torch.Tens
     gram = None
     for i, edit in enumerate(earlier):
         if name not in edit.state:
-            raise ValueError(
+            raise InputError(
                 f"earlier[{i}]: this {edit.manifest.get('algorithm', 'unknown')} edit kept no keys for layer {layer}; "
                 "AlphaEdit preserves AlphaEdit edits of the same layers"
             )

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from memit.editing.base import EditTask, Editor, register
+from memit.editing.base import Editor, EditTask
 from memit.editing.common import restored_weights
 from memit.editing.ft.hparams import FTHyperParams, FTLHyperParams
 from memit.editing.prompts import TargetBatch
 from memit.utils.grad import bf16_autocast, trainable_only
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 STOP_LOSS = 1e-2
 
 
-@register
 class FTEditor(Editor):
     name = "FT"
     hparams_class = FTHyperParams
@@ -41,7 +41,7 @@ class FTEditor(Editor):
         log.info("%s: tuning %s with lr %g, weight decay %g, norm bound %s", self.name, names, hp.lr, decay, hp.norm_constraint)
         with restored_weights(model, names), trainable_only(model, list(params.values())):
             optimizer = torch.optim.Adam(list(params.values()), lr=hp.lr, weight_decay=decay)
-            for step in range(hp.num_steps):
+            for step in progress(range(hp.num_steps), desc=f"{self.name} steps", unit="steps", logger=log, leave=False):
                 mean_loss = sum(self._train_batch(model, batch, optimizer, params, originals) * batch.n_sequences for batch in batches) / len(requests)
                 log.debug("step %d: loss %.4f", step, mean_loss)
                 if mean_loss < STOP_LOSS:
@@ -71,7 +71,6 @@ class FTEditor(Editor):
         return float(loss.item())
 
 
-@register
 class FTLEditor(FTEditor):
     name = "FT-L"
     hparams_class = FTLHyperParams

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from memit.editing.base import EditTask, Editor, register
+from memit.editing.base import Editor, EditTask
 from memit.editing.common import LayerSolver, context_templates, layer_targets, second_moments, write_over_layers
 from memit.editing.memit.hparams import MEMITHyperParams
 
 
-@register
 class MEMITEditor(Editor):
     name = "MEMIT"
     hparams_class = MEMITHyperParams
@@ -18,13 +17,14 @@ class MEMITEditor(Editor):
         hp = self.hparams
         solve = self.layer_solver(task)
         templates = context_templates(task.model, task.tok, hp, self.options)
-        targets = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
+        with task.timed("target_vectors"):
+            targets = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
         return write_over_layers(task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve)
 
     def layer_solver(self, task: EditTask) -> LayerSolver:
         """How each edit layer's update follows from its keys and residuals."""
         hp = self.hparams
-        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.options)
+        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.corpus(task.model, task.tok), self.options)
 
         def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return solve_update(keys, residual, moments[layer], hp.mom2_update_weight)

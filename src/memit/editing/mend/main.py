@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from memit.editing.base import EditTask, Editor, register
+from memit.editing.base import Editor, EditTask
 from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import CONFIG_FILE, MENDNetwork
 from memit.editing.prompts import TargetBatch
+from memit.errors import InputError, MissingFileError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.utils.io import memit_home
@@ -23,7 +24,6 @@ def default_network_dir(model: PreTrainedModel) -> Path:
     return memit_home() / "mend" / model_fingerprint(model)
 
 
-@register
 class MENDEditor(Editor):
     name = "MEND"
     hparams_class = MENDHyperParams
@@ -44,14 +44,14 @@ class MENDEditor(Editor):
         if self._network is None:
             folder = Path(self.hparams.network) if self.hparams.network else default_network_dir(model)
             if not (folder / CONFIG_FILE).is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"hparams.network: no trained MEND network in {folder}; train one with "
                     "`memit train-mend --model MODEL --data-file TRAIN.json` (or set 'network' to its folder)"
                 )
             network = MENDNetwork.load(folder)
             wanted = [layout.weight_name(layer) for layer in self.hparams.layers]
             if network.weight_names != wanted:
-                raise ValueError(f"hparams.network: {folder} edits {network.weight_names}, the hyperparameters ask for {wanted}")
+                raise InputError(f"hparams.network: {folder} edits {network.weight_names}, the hyperparameters ask for {wanted}")
             if network.metadata.get("model_fingerprint") != model_fingerprint(model):
                 log.warning("MEND: the network in %s was trained for another model", folder)
             log.info("MEND: network from %s (%s)", folder, network.metadata.get("trained", "untrained"))

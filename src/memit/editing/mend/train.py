@@ -11,18 +11,18 @@ from typing import Callable
 
 import torch
 from torch.func import functional_call
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.mend.gradients import gradient_factors
 from memit.editing.mend.hparams import MENDHyperParams
 from memit.editing.mend.network import MENDNetwork
 from memit.editing.prompts import TargetBatch
-from memit.evaluation.datasets import Case, ZsreCase
+from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.utils.grad import trainable_only
 from memit.utils.io import atomic_path
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +33,11 @@ CHECKPOINT_FILE = "training_state.pt"
 
 @dataclass(frozen=True)
 class TrainingExample:
+    """One training example; data sets make them from their cases (``DatasetSpec.training_example``)."""
+
     edit: tuple[str, str]  # (prompt, target with its leading space)
     rephrase: tuple[str, str]
     unrelated: str
-
-
-def training_examples(cases: list[Case]) -> list[TrainingExample]:
-    """One example per CounterFact-style or zsRE case: its rewrite, its first rephrase (or
-    paraphrase) and its first unrelated prompt."""
-    examples = []
-    for case in cases:
-        target = case.request.target_new
-        if isinstance(case, ZsreCase):
-            rephrase, unrelated = case.rephrase, case.loc
-        else:
-            rephrase, unrelated = case.paraphrase_prompts[0], case.neighborhood_prompts[0]
-        examples.append(TrainingExample((case.request.filled_prompt(), target), (rephrase, target), unrelated))
-    return examples
 
 
 def train_mend(
@@ -70,7 +58,7 @@ def train_mend(
     result); ``on_step(n)`` is called after step n.
     """
     if not examples:
-        raise ValueError("data-file: no training examples")
+        raise InputError("data-file: no training examples")
     torch.manual_seed(seed)
     weights = {layout.weight_name(layer): layout.mlp_out(model, layer).weight for layer in hp.layers}
     # (in, out) of each weight: as_weight turns the stored orientation into (out, in).
@@ -89,7 +77,8 @@ def train_mend(
     first_step = _resume(checkpoint_dir, identity, network, optimizer, generator)
     start, window = time.perf_counter(), []
     with trainable_only(model):
-        for step in tqdm(range(first_step, hp.train_steps), desc="train MEND", unit="step", disable=None):
+        steps = range(first_step, hp.train_steps)
+        for step in progress(steps, initial=first_step, total=hp.train_steps, desc="train MEND", unit="steps", logger=log):
             batch = [examples[i] for i in torch.randint(len(examples), (hp.train_batch_size,), generator=generator)]
             edit_loss, locality = _losses(model, tok, layout, hp, network, weights, batch)
             loss = hp.edit_loss_weight * edit_loss + locality
@@ -129,7 +118,7 @@ def _resume(
         return 0
     state = torch.load(path)
     if state["identity"] != identity:
-        raise ValueError(f"checkpoint: {path} belongs to another training (model, data or hyperparameters); delete it to start again")
+        raise InputError(f"checkpoint: {path} belongs to another training (model, data or hyperparameters); delete it to start again")
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memit.editing.hparams import HyperParamsError
-from memit.editing.memit.hparams import CovarianceParams, ZOptimizationParams
+from memit.editing.hparams import CovarianceParams, ZOptimizationParams
 
 
 @dataclass
@@ -14,8 +13,3 @@ class ROMEHyperParams(CovarianceParams, ZOptimizationParams):
 
     # Whiten the key with the inverse second moment (u = C⁻¹k); False uses the raw key.
     mom2_adjustment: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mom2_dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise HyperParamsError(f"hyperparameter 'mom2_dtype': unknown dtype {self.mom2_dtype!r}")

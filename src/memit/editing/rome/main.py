@@ -13,18 +13,18 @@ import logging
 
 import torch
 
-from memit.editing.base import EditTask, Editor, register
+from memit.editing.base import Editor, EditTask
 from memit.editing.common import add_deltas, applied, context_templates, second_moments
 from memit.editing.context import ContextTemplates
 from memit.editing.keys import compute_keys, vectors_at_subject
 from memit.editing.rome.hparams import ROMEHyperParams
 from memit.editing.targets import compute_targets
 from memit.requests import EditRequest
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-@register
 class ROMEEditor(Editor):
     name = "ROME"
     hparams_class = ROMEHyperParams
@@ -32,10 +32,11 @@ class ROMEEditor(Editor):
 
     def compute_deltas(self, task: EditTask) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.options) if hp.mom2_adjustment else {}
+        moments = second_moments(task.model, task.tok, task.layout, hp, hp.layers, self.corpus(task.model, task.tok), self.options) if hp.mom2_adjustment else {}
         templates = context_templates(task.model, task.tok, hp, self.options)
         total: dict[str, torch.Tensor] = {}
-        for n, request in enumerate(task.requests):
+        requests = progress(task.requests, desc="ROME requests", unit="requests", logger=log, disable=len(task.requests) <= 1, leave=False)
+        for n, request in enumerate(requests):
             # Each request sees the model as edited by the ones before it, as in the paper.
             with applied(task.model, total):
                 step = self.request_deltas(task, request, templates, moments)
@@ -78,10 +79,11 @@ class ROMEEditor(Editor):
         weight decay (‖δ‖/‖v‖²) measured against the MLP output v as in ROME.
         """
         opts = self.options
-        vectors = compute_targets(
-            task.model, task.tok, task.layout, [request], self.hparams, templates, layer,
-            init_module=task.layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
-        )
+        with task.timed("target_vectors"):
+            vectors = compute_targets(
+                task.model, task.tok, task.layout, [request], self.hparams, templates, layer,
+                init_module=task.layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
+            )
         log.info("layer %d: z loss %.4f", layer, float(vectors.final_loss[0]))
         return vectors.delta[0].double()
 

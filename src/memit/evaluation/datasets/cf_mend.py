@@ -1,0 +1,43 @@
+"""The reduced CounterFact files of MEND/EasyEdit: one rephrase and one locality prompt per
+record, the subject written into ``prompt``; not downloadable from the paper's host."""
+from __future__ import annotations
+
+from typing import Any
+
+from memit.evaluation.datasets.base import DatasetSpec
+from memit.evaluation.datasets.counterfact import COUNTERFACT_METRIC, CounterFactCase, counterfact_training_example
+from memit.evaluation.datasets.fields import get_field, get_request, subject_template
+from memit.requests import EditRequest
+
+
+def parse_cf_mend(record: Any, index: int) -> CounterFactCase:
+    """A row of the reduced MEND/EasyEdit CounterFact files (subject filled into ``prompt``)."""
+    subject = get_field(record, index, "subject")
+    prompt = subject_template(get_field(record, index, "prompt"), subject, index, "prompt")
+    raw = {
+        "prompt": prompt,
+        "subject": subject,
+        "target_new": get_field(record, index, "target_new"),
+        "target_true": get_field(record, index, "ground_truth"),
+    }
+    request = get_request(raw, index, "")
+    return CounterFactCase(
+        case_id=get_field(record, index, "case_id", (int, str)),
+        request=EditRequest(request.prompt, request.subject, request.target_new, request.target_true, record["case_id"]),
+        paraphrase_prompts=[get_field(record, index, "rephrase_prompt")],
+        neighborhood_prompts=[get_field(record, index, "locality_prompt")],
+    )
+
+
+CF_MEND = DatasetSpec(
+    name="cf-mend",
+    case_type=CounterFactCase,
+    parse=parse_cf_mend,
+    metric=COUNTERFACT_METRIC,
+    training_example=counterfact_training_example,
+    local_files=("counterfact-edit.json", "counterfact_mend/counterfact-edit.json"),
+    detect_order=2,
+)
+
+
+__all__ = ["CF_MEND", "parse_cf_mend"]
