@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -29,6 +30,11 @@ def main(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     configured = bool(logging.getLogger().handlers)  # by the caller of main(), e.g. tests
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        # Library bars (weight loading, GGUF conversion) would fill a log file with carriage returns.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if verbose == 0 and not configured:
         # Long steps still report their progress (a tqdm bar in a terminal, else a line a minute).
         from memit.utils.progress import show_progress_lines

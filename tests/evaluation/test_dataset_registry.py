@@ -4,13 +4,11 @@ with its labels and turned into MEND training examples. And the editing layer ne
 imports the evaluation layer."""
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
 import pytest
 
-import memit
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets import (
     DATASETS,

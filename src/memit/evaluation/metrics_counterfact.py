@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.evaluation.datasets import CounterFactCase
 from memit.predict import score_continuations
+
+if TYPE_CHECKING:  # the data set modules import these metrics
+    from memit.evaluation.datasets import CounterFactCase
 
 # Prompt groups, and whether the true target (rather than the new one) should win.
 GROUPS: dict[str, bool] = {"efficacy": False, "paraphrase": False, "neighborhood": True}

@@ -4,10 +4,14 @@ rephrase (paraphrase) and the unrelated NQ question (specificity, ``loc`` + "?" 
 by " " + ``loc_ans``)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.evaluation.datasets import ZsreCase
 from memit.predict import score_continuations
+
+if TYPE_CHECKING:  # the data set modules import these metrics
+    from memit.evaluation.datasets import ZsreCase
 
 
 def zsre_prompts(case: ZsreCase) -> dict[str, tuple[str, str]]:

@@ -2,10 +2,8 @@
 everything the loader, downloader, runner, summaries and MEND training need to know."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from memit.errors import InputError
 from memit.requests import EditRequest
@@ -41,9 +39,6 @@ class RemoteFile:
 
 Parser = Callable[[Any, int], Any]  # (record, its index in the file) -> case
 Metric = Callable[["PreTrainedModel", "PreTrainedTokenizerBase", Any], dict]
-# A metric given as "module:function" is imported on first use: metric modules import the
-# case classes from this package, so importing them here would be circular.
-MetricRef = Union[Metric, str]
 
 
 @dataclass(frozen=True)
@@ -62,7 +57,7 @@ class DatasetSpec:
     name: str
     case_type: type
     parse: Parser
-    metric: MetricRef
+    metric: Metric
     training_example: Callable[[Any], "TrainingExample"]
     local_files: tuple[str, ...]
     remote_files: tuple[RemoteFile, ...] = ()
@@ -76,17 +71,7 @@ class DatasetSpec:
 
     def evaluate_case(self, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", case: Any) -> dict:
         """The case's metrics on the model as it is now (generation metrics aside)."""
-        return resolve_metric(self.metric)(model, tok, case)
+        return self.metric(model, tok, case)
 
 
-def resolve_metric(metric: MetricRef) -> Metric:
-    return _import_metric(metric) if isinstance(metric, str) else metric
-
-
-@lru_cache(maxsize=None)
-def _import_metric(ref: str) -> Metric:
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-__all__ = ["Case", "DatasetError", "DatasetSpec", "Metric", "Parser", "RemoteFile", "resolve_metric"]
+__all__ = ["Case", "DatasetError", "DatasetSpec", "Metric", "Parser", "RemoteFile"]

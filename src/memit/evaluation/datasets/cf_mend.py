@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from memit.evaluation.datasets.base import DatasetSpec
-from memit.evaluation.datasets.counterfact import COUNTERFACT_METRIC, CounterFactCase, counterfact_training_example
+from memit.evaluation.datasets.counterfact import CounterFactCase, counterfact_training_example
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
+from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
 from memit.requests import EditRequest
 
 
@@ -33,7 +34,7 @@ CF_MEND = DatasetSpec(
     name="cf-mend",
     case_type=CounterFactCase,
     parse=parse_cf_mend,
-    metric=COUNTERFACT_METRIC,
+    metric=evaluate_counterfact_case,
     training_example=counterfact_training_example,
     local_files=("counterfact-edit.json", "counterfact_mend/counterfact-edit.json"),
     detect_order=2,

@@ -2,12 +2,14 @@
 and generation prompts per record."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, get_strings
+from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
 from memit.requests import EditRequest
 
 
@@ -54,13 +56,11 @@ def counterfact_training_example(case: CounterFactCase) -> TrainingExample:
     return TrainingExample((case.request.filled_prompt(), target), (case.paraphrase_prompts[0], target), case.neighborhood_prompts[0])
 
 
-COUNTERFACT_METRIC = "memit.evaluation.metrics_counterfact:evaluate_counterfact_case"
-
 CF = DatasetSpec(
     name="cf",
     case_type=CounterFactCase,
     parse=parse_counterfact,
-    metric=COUNTERFACT_METRIC,
+    metric=evaluate_counterfact_case,
     training_example=counterfact_training_example,
     local_files=("counterfact.json",),
     remote_files=(
@@ -71,15 +71,8 @@ CF = DatasetSpec(
 )
 
 # The same schema as cf, so detection reports a MultiCounterFact file as cf.
-MCF = DatasetSpec(
-    name="mcf",
-    case_type=CounterFactCase,
-    parse=parse_counterfact,
-    metric=COUNTERFACT_METRIC,
-    training_example=counterfact_training_example,
-    local_files=("multi_counterfact.json",),
-    remote_files=(RemoteFile("multi_counterfact.json"),),
-    has_generation=True,
+MCF = dataclasses.replace(
+    CF, name="mcf", local_files=("multi_counterfact.json",), remote_files=(RemoteFile("multi_counterfact.json"),), detect_order=None
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
+from memit.evaluation.metrics_zsre import evaluate_zsre_case
 from memit.requests import EditRequest
 
 
@@ -52,7 +53,7 @@ ZSRE = DatasetSpec(
     name="zsre",
     case_type=ZsreCase,
     parse=parse_zsre,
-    metric="memit.evaluation.metrics_zsre:evaluate_zsre_case",
+    metric=evaluate_zsre_case,
     training_example=zsre_training_example,
     local_files=("zsre_mend_eval.json",),
     remote_files=(RemoteFile("zsre_mend_eval.json"),),
