@@ -3,7 +3,6 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    Gemma3TextConfig,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
@@ -85,8 +84,12 @@ def test_memit_raises_target_probability_on_each_architecture(name, fast, defaul
 
 
 def test_post_feedforward_norm_is_refused():
-    config = Gemma3TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=128, head_dim=16, vocab_size=1000)
+    try:
+        from transformers import Gemma3TextConfig as GemmaConfig
+    except ImportError:  # transformers < 4.50 (scripts/compat.sh): Gemma 2 has the same norm
+        from transformers import Gemma2Config as GemmaConfig
+    config = GemmaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, head_dim=16, vocab_size=1000)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedArchitectureError, match="post_feedforward_layernorm"):
         ModelLayout.from_model(model)

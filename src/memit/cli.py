@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memit.cli_options import edit_options, edit_options_from
+from memit.cli_options import edit_options, edit_options_from, model_options
 from memit.errors import MemitError
 from memit.utils.io import write_json
 
@@ -56,7 +56,8 @@ def main(verbose: int) -> None:
     "The new edit is made on top of them, and AlphaEdit preserves them.",
 )
 @edit_options
-def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, **edit_opts):
+@model_options
+def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, load, **edit_opts):
     """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
     from memit.api import edit_model
     from memit.cli_report import describe_predictions, print_report
@@ -65,7 +66,7 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     from memit.requests import check_tokenization, load_requests
 
     requests = load_requests(requests_file)
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, **load)
     check_tokenization(requests, tok)
     earlier = [WeightDeltas.load(folder).apply(model) for folder in earlier_dirs]
     before = describe_predictions(model, tok, requests)
@@ -92,7 +93,8 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
 @click.option("--steps", type=int, default=None, help="Training steps (default: the hyperparameters' train_steps).")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Folder for the network (default: $MEMIT_HOME/mend/<model fingerprint>, where MEND looks).")
 @click.option("--seed", default=0, show_default=True)
-def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, seed):
+@model_options
+def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, seed, load):
     """Train MEND's editor network for a model, so that `--alg MEND` can edit it."""
     import dataclasses
     import shutil
@@ -103,7 +105,7 @@ def train_mend(model_name, data_file, exclude_data_file, hparams, steps, out, se
     from memit.evaluation.datasets import load_cases, training_examples
     from memit.models import load_model
 
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, **load)
     hp = resolve_hparams("MEND", hparams, model)
     if steps is not None:
         hp = dataclasses.replace(hp, train_steps=steps)
@@ -129,7 +131,8 @@ DEMO_REQUESTS = [
 @main.command()
 @click.option("--model", "model_name", default="default", show_default=True)
 @edit_options
-def demo(model_name, **edit_opts):
+@model_options
+def demo(model_name, load, **edit_opts):
     """Teach the default model that LeBron James plays football and Michael Jordan baseball."""
     from memit.api import edit_model
     from memit.cli_report import describe_predictions, print_report
@@ -138,7 +141,7 @@ def demo(model_name, **edit_opts):
     from memit.requests import parse_requests
 
     requests = parse_requests(DEMO_REQUESTS)
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, **load)
     prompts = ["LeBron James plays the sport of", "Michael Jordan is best known for playing"]
     before = describe_predictions(model, tok, requests)
     texts_before = [generate(model, tok, p) for p in prompts]

@@ -98,4 +98,6 @@ class WeightDeltas:
                 raise InputError(f"deltas: the model has no parameter {name!r}")
             if params[name].shape != delta.shape:
                 raise InputError(f"deltas: {name} has shape {tuple(params[name].shape)}, delta {tuple(delta.shape)}")
+            if params[name].device.type == "meta":
+                raise InputError(f"deltas: {name} is offloaded by the device map; load the model with that layer on a device")
         return params

@@ -13,10 +13,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
 from memit.editing.hparams import HyperParams, HyperParamsError
+from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.requests import EditRequest, check_tokenization, parse_requests
 from memit.stats.corpus import FALLBACK_CORPUS, Corpus, resolve_corpus
+from memit.stats.second_moment import DEFAULT_BATCH_TOKENS
 
 
 @dataclass
@@ -27,6 +29,10 @@ class EditOptions:
     # mom2_dataset; it must load, where the preset's may fall back to the packaged sample.
     corpus: str | None = field(default_factory=lambda: os.environ.get("MEMIT_CORPUS"))
     stats_dir: str | None = None
+    # Tokens per forward pass of the key statistics (padding included): only the memory
+    # changes, not the statistics. The default fits an 8B bfloat16 model on a 24 GB GPU
+    # (the arithmetic is at memit.stats.second_moment.DEFAULT_BATCH_TOKENS).
+    stats_batch_tokens: int = DEFAULT_BATCH_TOKENS
     # Requests whose target vectors are optimised together.
     batch_size: int = 16
     # False runs the reference computation: the whole model at every optimisation step.
@@ -92,6 +98,12 @@ class Editor(ABC):
         hp = self.hparams
         layout = ModelLayout.from_model(model, getattr(hp, "layer_module_tmp", None), getattr(hp, "rewrite_module_tmp", None))
         layout.check_layers(getattr(hp, "layers", []))
+        for layer in getattr(hp, "layers", []):
+            if layout.mlp_out(model, layer).weight.device.type == "meta":
+                raise InputError(
+                    f"layers: layer {layer} ({layout.weight_name(layer)}) is offloaded by the device map; "
+                    "keep the edited layers on a device (cpu, cuda) and offload others"
+                )
         return layout
 
     def edit(

@@ -17,6 +17,7 @@ from memit.editing.targets import compute_targets
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.stats import Corpus, SecondMomentCache
+from memit.utils.devices import float64_device
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def second_moments(
     """The cached key second moments E[k kᵀ] at ``layers`` (computed once per model and corpus)."""
     return SecondMomentCache(options.stats_dir).get(
         model, tok, layout, layers, corpus, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype,
-        autocast=options.autocast,
+        autocast=options.autocast, batch_tokens=options.stats_batch_tokens,
     )
 
 
@@ -77,26 +78,28 @@ def write_over_layers(
     deltas: dict[str, torch.Tensor] = {}
     with restored_weights(model, [layout.weight_name(layer) for layer in layers]):
         for i, layer in enumerate(layers):
-            keys = compute_keys(model, tok, layout, requests, layer, templates).double()
-            current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).double()
-            residual = (targets - current) / (len(layers) - i)
-            update = solve(i, layer, keys, residual)
             weight = layout.mlp_out(model, layer).weight
+            solve_on = float64_device(weight.device)
+            keys = compute_keys(model, tok, layout, requests, layer, templates).to(solve_on).double()
+            current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).to(solve_on).double()
+            residual = (targets.to(solve_on) - current) / (len(layers) - i)
+            update = solve(i, layer, keys, residual)
             delta = layout.as_weight(update).float()
             log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f",
                      layer, float(residual.norm()), float(update.norm()), float(weight.detach().norm()))
             with torch.no_grad():
-                weight.add_(delta.to(weight.dtype))
+                weight.add_(delta.to(weight.device, weight.dtype))
             deltas[layout.weight_name(layer)] = delta
     return deltas
 
 
 @contextlib.contextmanager
-def restored_weights(model: PreTrainedModel, names: list[str]) -> Iterator[None]:
-    """Whatever happens to the named parameters inside the block is undone, bit for bit."""
+def restored_weights(model: PreTrainedModel, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Whatever happens to the named parameters inside the block is undone, bit for bit.
+    Yields the saved originals (the only copies made: of the named parameters alone)."""
     originals = {name: model.get_parameter(name).detach().clone() for name in names}
     try:
-        yield
+        yield originals
     finally:
         with torch.no_grad():
             for name, original in originals.items():

@@ -20,13 +20,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates, flatten
 from memit.editing.hparams import ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
+from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, set_attn_implementation
 from memit.utils.grad import bf16_autocast, trainable_only
 from memit.utils.hooks import first_tensor, rewrite_output, run_and_capture, skip_layers_below
 from memit.utils.progress import progress
@@ -161,22 +162,23 @@ def _optimise(
     fast: bool,
     autocast: bool,
 ) -> TargetVectors:
-    device = model.device
-    inputs = problem.batch.model_inputs(device)
-    subject_pos = problem.batch.subject_positions.to(device)
-    rows = torch.arange(len(subject_pos), device=device)
-    seq_request = problem.seq_request.to(device)
-
+    inputs = problem.batch.model_inputs(model.device)
     layer_module = layout.layer(model, layer)
     output_kind: list[bool] = []
     kind_hook = layer_module.register_forward_hook(lambda mod, args, out: output_kind.append(isinstance(out, tuple)))
     try:
-        with torch.no_grad(), bf16_autocast(autocast):
+        with torch.no_grad(), bf16_autocast(autocast, model.device):
             names = list(dict.fromkeys([layout.layer_name(layer), init_module]))
             _, outputs = run_and_capture(model, inputs, outputs_of=names, stop_after=layout.layer_name(layer))
     finally:
         kind_hook.remove()
     cached_layer_out = outputs[layout.layer_name(layer)].detach()
+    # The delta and its bookkeeping live on the edit layer's device (layers may be spread
+    # over devices); the loss is computed where the vocabulary head is, then brought here.
+    device = cached_layer_out.device
+    subject_pos = problem.batch.subject_positions.to(device)
+    rows = torch.arange(len(subject_pos), device=device)
+    seq_request = problem.seq_request.to(device)
     init = outputs[init_module][problem.init_seq.to(device), subject_pos[problem.init_seq.to(device)]].float()
     init_norm = init.norm(dim=-1)
 
@@ -198,7 +200,7 @@ def _optimise(
     # Under autocast the weights keep requires_grad: autocast caches its bfloat16 copy of a
     # weight only for leaves that require grad, and recasting every weight at every step cost
     # more than the bfloat16 matmuls saved. autograd.grad below computes no weight gradients.
-    with trainable_only(model) if not autocast else contextlib.nullcontext(), bf16_autocast(autocast), _eager_attention(model, enabled=autocast):
+    with trainable_only(model) if not autocast else contextlib.nullcontext(), bf16_autocast(autocast, model.device), _eager_attention(model, enabled=autocast):
         for step in range(hparams.v_num_grad_steps):
             active = ~done
             seq_active = active[seq_request]
@@ -213,11 +215,11 @@ def _optimise(
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
                     target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
-                target_logp, kl_logp = target_logp[target_active], kl_logp[active]
+                target_logp, kl_logp = target_logp[target_active.to(target_logp.device)], kl_logp[active.to(kl_logp.device)]
             if init_kl_logprobs is None:
                 init_kl_logprobs = kl_logp.detach().clone()
             active_losses = _loss_per_request(
-                target_logp, kl_logp, init_kl_logprobs[active], problem, target_active, active, delta, init_norm, hparams
+                target_logp, kl_logp, init_kl_logprobs[active.to(kl_logp.device)], problem, target_active, active, delta, init_norm, hparams
             )
             losses[active] = active_losses.detach()
             done |= losses < EARLY_STOP_LOSS
@@ -249,8 +251,9 @@ def _loss_per_request(
     hparams: ZOptimizationParams,
 ) -> torch.Tensor:
     """The loss of each ``active`` request from the log-probabilities of its target tokens
-    (``target_active`` marks them among all) and of its KL prompt."""
+    (``target_active`` marks them among all) and of its KL prompt, on the delta's device."""
     device = target_logp.device
+    target_active, active = target_active.to(device), active.to(device)
     n_requests = len(active)
     n_seq = len(problem.seq_request)
     target_seq = problem.target_seq.to(device)[target_active]
@@ -260,8 +263,9 @@ def _loss_per_request(
     nll = per_seq.view(n_requests, problem.prompts_per_request).mean(1)[active]
     # kl_div(input=init, target=current) as in the reference: sum p_cur (log p_cur - log p_init).
     kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)
-    weight_decay = hparams.v_weight_decay * delta[active].norm(dim=-1) / init_norm[active] ** 2
-    return nll + hparams.kl_factor * kl + weight_decay
+    on_delta = active.to(delta.device)
+    weight_decay = hparams.v_weight_decay * delta[on_delta].norm(dim=-1) / init_norm[on_delta] ** 2
+    return (nll + hparams.kl_factor * kl).to(delta.device) + weight_decay
 
 
 def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +302,7 @@ class _Suffix:
             attention_mask=self.attention_mask[rows],
             position_ids=self.position_ids[rows],
             layer_out=self.layer_out[rows],
-            prefix_cache=None if self.prefix_cache is None else [(k[rows], v[rows]) for k, v in self.prefix_cache],
+            prefix_cache=None if self.prefix_cache is None else [(k[rows.to(k.device)], v[rows.to(v.device)]) for k, v in self.prefix_cache],
             target_seq=new_index[self.target_seq[targets]],
             target_col=self.target_col[targets],
             target_tok=self.target_tok[targets],
@@ -321,7 +325,7 @@ def _prepare_suffix(
     prefix_len, suffix_len = subject_pos, lengths - subject_pos
     width_p, width_s = int(prefix_len.max()), int(suffix_len.max())
     n = len(lengths)
-    ids = inputs["input_ids"]
+    ids = inputs["input_ids"].to(device)
 
     # Prefix columns are left-padded so that every suffix starts at column width_p.
     cols_p = torch.arange(width_p, device=device).expand(n, -1)
@@ -334,16 +338,16 @@ def _prepare_suffix(
 
     prefix_cache = None
     if width_p > 0:
-        with torch.no_grad(), bf16_autocast(autocast):
+        with torch.no_grad(), bf16_autocast(autocast, model.device):
             out = model.base_model(
                 input_ids=ids.gather(1, src_p), attention_mask=mask_p.long(), position_ids=src_p,
-                past_key_values=DynamicCache(), use_cache=True,
+                past_key_values=empty_cache(model), use_cache=True,
             )
         prefix_cache = []
-        for keys, values, *_ in out.past_key_values:
+        for keys, values in cache_pairs(out.past_key_values):
             # Padded slots are masked out later, but a NaN there would still poison the
             # attention product, so zero them.
-            keep = mask_p[:, None, :, None]
+            keep = mask_p[:, None, :, None].to(keys.device)
             prefix_cache.append((keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)))
 
     target_seq = problem.target_seq.to(device)
@@ -374,7 +378,7 @@ def _fast_logprobs(
     layer_out = suffix.layer_out
     edited = torch.cat([layer_out[:, :1] + seq_delta.to(layer_out.dtype).unsqueeze(1), layer_out[:, 1:]], 1)
     # update() concatenates, so a fresh cache object over the same tensors serves every step.
-    cache = DynamicCache(ddp_cache_data=suffix.prefix_cache) if suffix.prefix_cache is not None else None
+    cache = cache_from_pairs(model, suffix.prefix_cache) if suffix.prefix_cache is not None else None
     layers = model.get_submodule(layout.layer_tmp.removesuffix(".{}"))
     with skip_layers_below(layers, layer, lambda: edited, tuple_output):
         hidden = first_tensor(
@@ -383,12 +387,12 @@ def _fast_logprobs(
                 past_key_values=cache, use_cache=cache is not None,
             ).last_hidden_state
         )
-    seqs = torch.cat([suffix.target_seq, suffix.kl_seq])
-    cols = torch.cat([suffix.target_col, torch.zeros_like(suffix.kl_seq)])
+    seqs = torch.cat([suffix.target_seq, suffix.kl_seq]).to(hidden.device)
+    cols = torch.cat([suffix.target_col, torch.zeros_like(suffix.kl_seq)]).to(hidden.device)
     logits = model.get_output_embeddings()(hidden[seqs, cols]).float()
     log_probs = torch.log_softmax(logits, dim=-1)
     n_targets = len(suffix.target_seq)
-    target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.unsqueeze(1)).squeeze(1)
+    target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.to(log_probs.device).unsqueeze(1)).squeeze(1)
     return target_logp, log_probs[n_targets:]
 
 
@@ -397,11 +401,10 @@ def _eager_attention(model: PreTrainedModel, enabled: bool = True):
     """The model's eager attention instead of SDPA: on CPUs, SDPA's bfloat16 backward took
     eight times as long as its float32 one, while eager attention's matmuls autocast well."""
     previous = getattr(model.config, "_attn_implementation", None)
-    if not enabled or previous != "sdpa":
+    if not enabled or previous != "sdpa" or not set_attn_implementation(model, "eager"):
         yield
         return
-    model.set_attn_implementation("eager")
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        set_attn_implementation(model, previous)

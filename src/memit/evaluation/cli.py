@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memit.cli_options import edit_options, edit_options_from
+from memit.cli_options import edit_options, edit_options_from, model_options
 from memit.evaluation.datasets import DATASETS, DEFAULT_DATASET
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N cases.")
 @click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
 @edit_options
+@model_options
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
-             num_edits, sequential_batches, limit, continue_from_run, **edit_opts):
+             num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
     from memit.evaluation.runner import RunConfig, run_evaluation
     from memit.evaluation.summary import format_table, summarize_run
@@ -51,6 +52,7 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
         alg=alg, model=model_name, dataset=_dataset(dataset, data_file), data_file=data_file, data_dir=data_dir,
         num_edits=num_edits, sequential_batches=sequential_batches, limit=limit, hparams=hparams,
         skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, continue_from_run=continue_from_run,
+        **load,
     )
     start = time.perf_counter()
     run_dir = run_evaluation(config, options=edit_options_from(**edit_opts))
@@ -81,8 +83,9 @@ def summarize(run_dirs, as_json, compare):
 @click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
 @edit_options
+@model_options
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
-          num_edits, min_cases, plot_path, **edit_opts):
+          num_edits, min_cases, plot_path, load, **edit_opts):
     """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
     from memit.evaluation.datasets import load_cases
     from memit.evaluation.runner import RunConfig
@@ -100,8 +103,8 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
     if dataset is None:
         dataset = load_cases(None, data_file)[0]
     base = RunConfig(alg=alg, model=model_name, dataset=dataset, data_file=data_file, data_dir=data_dir, hparams=hparams,
-                     skip_generation=skip_generation, generation_tokens=generation_tokens, out=out)
-    model, tok = load_model(model_name)
+                     skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, **load)
+    model, tok = load_model(model_name, **load)
     summaries = run_scaling(base, sizes, min_cases, model, tok, options=edit_options_from(**edit_opts))
     for s in summaries:
         click.echo(format_table(s) + "\n")

@@ -53,7 +53,7 @@ _RUN = re.compile(r"run_(\d+)$")
 CASES_PER_GENERATION_BATCH = 12
 GENERATION_BATCH = 128
 # Parameters that must agree for a run to be continued.
-RUN_IDENTITY = ("alg", "model", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
+RUN_IDENTITY = ("alg", "model", "dtype", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
 
 
 class RunError(InputError):
@@ -73,6 +73,11 @@ class RunConfig:
     sequential_batches: int = 1
     limit: int | None = None
     hparams: str | None = None
+    # How the model is loaded (see memit.load_model).
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    offload_folder: str | None = None
     skip_generation: bool = False
     generation_tokens: int = 100
     out: str = "results"
@@ -356,7 +361,7 @@ def run_evaluation(
     if model is None or tok is None:
         from memit.models import load_model
 
-        model, tok = load_model(config.model)
+        model, tok = load_model(config.model, config.dtype, config.device, config.device_map, config.offload_folder)
     hparams = resolve_hparams(config.alg, hparams if hparams is not None else config.hparams, model)
     cases, skipped = editable_cases(cases, tok, config.limit)
     _validate_batches(cases, config)

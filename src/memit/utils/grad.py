@@ -23,5 +23,6 @@ def trainable_only(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Ite
             p.requires_grad_(flag)
 
 
-def bf16_autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def bf16_autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the device type of ``device`` (the model's), when ``enabled``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

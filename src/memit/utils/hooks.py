@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from memit.utils.compat import replayed_layer_output
+
 
 class _StopForward(Exception):
     """Raised by a hook once everything wanted has been read, to skip the layers above."""
@@ -80,7 +82,7 @@ class _ReplayLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = hidden_states if self._source is None else self._source()
-        return (out,) if self._tuple_output else out
+        return replayed_layer_output(out, kwargs) if self._tuple_output else out
 
     def __getattr__(self, name: str) -> Any:
         try:

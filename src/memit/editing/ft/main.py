@@ -32,22 +32,26 @@ class FTEditor(Editor):
         hp = self.hparams
         names = [task.layout.weight_name(layer) for layer in hp.layers]
         params = {name: model.get_parameter(name) for name in names}
-        originals = {name: p.detach().clone() for name, p in params.items()}
+        # Adam steps a float32 copy of each tuned weight, whatever the model's precision: in
+        # float16 its squared-gradient state underflows and its epsilon rounds to zero.
+        masters = {name: p.detach().float().clone().requires_grad_(True) for name, p in params.items()}
         batches = [
             TargetBatch.of(tok, [(r.filled_prompt(), r.target_new) for r in requests[i : i + hp.batch_size]], model.device)
             for i in range(0, len(requests), hp.batch_size)
         ]
         decay = hp.decay_for(len(requests))
         log.info("%s: tuning %s with lr %g, weight decay %g, norm bound %s", self.name, names, hp.lr, decay, hp.norm_constraint)
-        with restored_weights(model, names), trainable_only(model, list(params.values())):
-            optimizer = torch.optim.Adam(list(params.values()), lr=hp.lr, weight_decay=decay)
+        # The weights before tuning: the norm bound's centre, the deltas' base, and what the
+        # model gets back (one copy of the tuned matrices, not two).
+        with restored_weights(model, names) as originals, trainable_only(model, list(params.values())):
+            optimizer = torch.optim.Adam(list(masters.values()), lr=hp.lr, weight_decay=decay)
             for step in progress(range(hp.num_steps), desc=f"{self.name} steps", unit="steps", logger=log, leave=False):
-                mean_loss = sum(self._train_batch(model, batch, optimizer, params, originals) * batch.n_sequences for batch in batches) / len(requests)
+                mean_loss = sum(self._train_batch(model, batch, optimizer, params, masters, originals) * batch.n_sequences for batch in batches) / len(requests)
                 log.debug("step %d: loss %.4f", step, mean_loss)
                 if mean_loss < STOP_LOSS:
                     break
             log.info("%s: final loss %.4f after %d step(s)", self.name, mean_loss, step + 1)
-            return {name: (p.detach() - originals[name]).float() for name, p in params.items()}
+            return {name: (p.detach().float() - originals[name].float()) for name, p in params.items()}
 
     def _train_batch(
         self,
@@ -55,19 +59,26 @@ class FTEditor(Editor):
         batch: TargetBatch,
         optimizer: torch.optim.Optimizer,
         params: dict[str, nn.Parameter],
+        masters: dict[str, torch.Tensor],
         originals: dict[str, torch.Tensor],
     ) -> float:
         optimizer.zero_grad()
-        with bf16_autocast(self.options.autocast):
+        for p in params.values():
+            p.grad = None
+        with bf16_autocast(self.options.autocast, model.device):
             loss = batch.nll(model(**batch.inputs).logits)
         if loss.item() >= STOP_LOSS:
             loss.backward()
+            for name, master in masters.items():
+                master.grad = params[name].grad.float()
             optimizer.step()
         bound = self.hparams.norm_constraint
-        if bound is not None:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(torch.clamp(p, min=originals[name] - bound, max=originals[name] + bound))
+        with torch.no_grad():
+            for name, master in masters.items():
+                if bound is not None:
+                    original = originals[name].float()
+                    master.copy_(torch.clamp(master, min=original - bound, max=original + bound))
+                params[name].copy_(master)
         return float(loss.item())
 
 

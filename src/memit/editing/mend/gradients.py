@@ -43,7 +43,7 @@ def gradient_factors(model: PreTrainedModel, layout: ModelLayout, layers: list[i
         for handle in handles:
             handle.remove()
     used = _loss_tokens(batch)
-    return {name: (keys[name].detach()[used], grad[used]) for name, grad in zip(modules, grads)}
+    return {name: (keys[name].detach()[used.to(grad.device)], grad[used.to(grad.device)]) for name, grad in zip(modules, grads)}
 
 
 def _loss_tokens(batch: TargetBatch) -> torch.Tensor:

@@ -35,8 +35,11 @@ class MENDEditor(Editor):
         network = self.network(task.model, task.layout)
         pairs = [(r.filled_prompt(), r.target_new) for r in task.requests]
         factors = gradient_factors(task.model, task.layout, self.hparams.layers, TargetBatch.of(task.tok, pairs, task.model.device))
+        # The network runs where the first edited weight is (layers may be spread over devices).
+        device = task.model.get_parameter(network.weight_names[0]).device
+        factors = {name: tuple(f.to(device) for f in pair) for name, pair in factors.items()}
         with torch.no_grad():
-            deltas = network.to(task.model.device).weight_deltas(factors)
+            deltas = network.to(device).weight_deltas(factors)
         return {name: task.layout.as_weight(delta).float() for name, delta in deltas.items()}
 
     def network(self, model: PreTrainedModel, layout: ModelLayout) -> MENDNetwork:

@@ -20,6 +20,7 @@ from memit.editing.keys import compute_keys, vectors_at_subject
 from memit.editing.rome.hparams import ROMEHyperParams
 from memit.editing.targets import compute_targets
 from memit.requests import EditRequest
+from memit.utils.devices import float64_device
 from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,12 @@ class ROMEEditor(Editor):
     ) -> torch.Tensor:
         """ΔW (out, in) for one request at ``layer`` of the model as it is now."""
         model, tok, layout = task.model, task.tok, task.layout
-        left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0], moment)
+        solve_on = float64_device(layout.mlp_out(model, layer).weight.device)
+        left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0].to(solve_on), moment)
         name = layout.mlp_out_name(layer)
-        key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].double()
+        key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].to(solve_on).double()
         # v* − W k: the weight then maps this prompt's key k to v*.
-        change = self.value_change(task, request, templates, layer)
+        change = self.value_change(task, request, templates, layer).to(solve_on)
         right = change / torch.dot(key, left)
         log.info("layer %d: target change %.3f, division factor %.4f, right vector norm %.3f",
                  layer, change.norm(), torch.dot(key, left), right.norm())
