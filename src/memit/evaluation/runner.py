@@ -373,7 +373,7 @@ def run_evaluation(
     # One editor for the whole run, so that what it derives from the statistics is reused.
     editor = get_editor_class(config.alg)(hparams, options)
     generation = None
-    spec = get_dataset(dataset)
+    spec = _run_spec(config)
     if not config.skip_generation and any(_has_generation(c, spec) for c in cases):
         generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
     pre_cache = pre_cache_dir(config, model, generation is not None)

@@ -46,7 +46,7 @@ def load_model(
     to ``offload_folder``), or a JSON file holding such a dict.
     """
     torch_dtype = resolve_dtype(dtype)
-    placement = _placement(device, device_map, offload_folder)
+    target_device, placement = _placement(device, device_map, offload_folder)
     path = Path(name)
     if name == DEFAULT_MODEL:
         model, tok = _load_pretrained(str(default_model_dir()), torch_dtype or torch.float32, placement)
@@ -56,8 +56,8 @@ def load_model(
         model, tok = _load_gguf(path, torch_dtype, placement)
     else:
         model, tok = _load_pretrained(name, torch_dtype, placement)
-    if "device_map" not in placement:
-        model.to(placement["device"])
+    if target_device is not None:
+        model.to(target_device)
     return model.eval(), _prepare_tokenizer(tok)
 
 
@@ -87,10 +87,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _placement(device: str | torch.device, device_map: str | dict | None, offload_folder: str | Path | None) -> dict:
-    """``from_pretrained`` keywords for a device map, or ``{"device": ...}`` to move the model to."""
+def _placement(
+    device: str | torch.device, device_map: str | dict | None, offload_folder: str | Path | None
+) -> tuple[torch.device | None, dict]:
+    """The device to move the loaded model to (None with a device map), and the
+    ``from_pretrained`` keywords that place it (a device map, an offload folder)."""
     if device_map is None:
-        return {"device": resolve_device(device)}
+        return resolve_device(device), {}
     if isinstance(device_map, str) and device_map != "auto":
         device_map = read_json(device_map, what="device map file")
         if not isinstance(device_map, dict):
@@ -100,7 +103,7 @@ def _placement(device: str | torch.device, device_map: str | dict | None, offloa
         placement["offload_folder"] = str(offload_folder)
     elif isinstance(device_map, dict) and "disk" in device_map.values():
         raise InputError("offload_folder: a device map with 'disk' needs a folder for the offloaded weights")
-    return placement
+    return None, placement
 
 
 def default_model_dir() -> Path:
@@ -136,7 +139,7 @@ def _packaged_default_gguf() -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = dict(gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, **gguf_dequantize_kwargs(), **dtype_kwargs(dtype or torch.float32), **_device_map_only(placement), **kwargs
+        path.parent, **gguf_dequantize_kwargs(), **dtype_kwargs(dtype or torch.float32), **placement, **kwargs
     )
     # A dequantized model is plain floating point: clear the flags that block save_pretrained.
     model.is_quantized = False
@@ -148,13 +151,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, placement: dict) -> tuple[
 
 
 def _load_pretrained(name: str, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwargs(dtype or "auto"), **_device_map_only(placement))
+    model = AutoModelForCausalLM.from_pretrained(name, **dtype_kwargs(dtype or "auto"), **placement)
     tok = AutoTokenizer.from_pretrained(name)
     return model, tok
-
-
-def _device_map_only(placement: dict) -> dict:
-    return {k: v for k, v in placement.items() if k != "device"}
 
 
 def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

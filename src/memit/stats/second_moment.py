@@ -173,8 +173,7 @@ def _token_batches(
 
 def _right_padded(tok: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
     # Right padding keeps every real token at its unpadded position.
-    padded = tok.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt")
-    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    return dict(tok.pad({"input_ids": sequences}, padding=True, padding_side="right", return_tensors="pt"))
 
 
 class SecondMomentCache:

@@ -7,6 +7,7 @@ and a last line when the step ends. Steps shorter than ``interval`` log nothing.
 ``MEMIT_PROGRESS_INTERVAL`` (seconds) overrides the interval."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -19,14 +20,6 @@ from tqdm.std import tqdm as std_tqdm
 ENV_INTERVAL = "MEMIT_PROGRESS_INTERVAL"
 # Set on progress records, so that a handler can let them through at a higher level.
 RECORD_FLAG = "memit_progress"
-
-
-class _Discard:
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
 
 class LoggingProgress(std_tqdm):
@@ -102,8 +95,9 @@ def progress(
     if not isinstance(logger, logging.Logger):
         logger = logging.getLogger(logger or sys._getframe(1).f_globals.get("__name__", "memit"))
     interval = progress_interval(interval)
+    # display() logs instead of writing: tqdm's own output goes nowhere.
     return LoggingProgress(
-        iterable, total=total, desc=desc, unit=unit, logger=logger, file=_Discard(),
+        iterable, total=total, desc=desc, unit=unit, logger=logger, file=io.StringIO(),
         mininterval=interval, delay=interval, miniters=1, **kwargs,
     )
 

@@ -32,9 +32,9 @@ class FTEditor(Editor):
         hp = self.hparams
         names = [task.layout.weight_name(layer) for layer in hp.layers]
         params = {name: model.get_parameter(name) for name in names}
-        # Adam steps a float32 copy of each tuned weight, whatever the model's precision: in
-        # float16 its squared-gradient state underflows and its epsilon rounds to zero.
-        masters = {name: p.detach().float().clone().requires_grad_(True) for name, p in params.items()}
+        # Adam steps each tuned weight in float32: a half-precision weight gets a float32 copy
+        # (in float16 Adam's squared-gradient state underflows and its epsilon rounds to zero).
+        masters = {name: p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True) for name, p in params.items()}
         batches = [
             TargetBatch.of(tok, [(r.filled_prompt(), r.target_new) for r in requests[i : i + hp.batch_size]], model.device)
             for i in range(0, len(requests), hp.batch_size)

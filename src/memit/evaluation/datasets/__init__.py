@@ -43,10 +43,6 @@ def get_dataset(name: str) -> DatasetSpec:
         raise DatasetError(f"dataset: unknown data set {name!r}; choose one of {', '.join(DATASETS)}") from None
 
 
-def check_dataset_name(dataset: str) -> None:
-    get_dataset(dataset)
-
-
 def dataset_of(case: Any) -> DatasetSpec:
     """The first data set (in table order) whose cases have the type of ``case``."""
     for spec in DATASETS.values():

@@ -8,23 +8,23 @@ from memit.evaluation.datasets.base import DatasetSpec
 from memit.evaluation.datasets.counterfact import CounterFactCase, counterfact_training_example
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
 from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
-from memit.requests import EditRequest
 
 
 def parse_cf_mend(record: Any, index: int) -> CounterFactCase:
     """A row of the reduced MEND/EasyEdit CounterFact files (subject filled into ``prompt``)."""
     subject = get_field(record, index, "subject")
     prompt = subject_template(get_field(record, index, "prompt"), subject, index, "prompt")
+    case_id = get_field(record, index, "case_id", (int, str))
     raw = {
         "prompt": prompt,
         "subject": subject,
         "target_new": get_field(record, index, "target_new"),
         "target_true": get_field(record, index, "ground_truth"),
+        "case_id": case_id,
     }
-    request = get_request(raw, index, "")
     return CounterFactCase(
-        case_id=get_field(record, index, "case_id", (int, str)),
-        request=EditRequest(request.prompt, request.subject, request.target_new, request.target_true, record["case_id"]),
+        case_id=case_id,
+        request=get_request(raw, index, ""),
         paraphrase_prompts=[get_field(record, index, "rephrase_prompt")],
         neighborhood_prompts=[get_field(record, index, "locality_prompt")],
     )
