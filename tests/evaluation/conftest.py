@@ -30,3 +30,23 @@ def tiny_model(tokenizer):
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     return model
+
+
+@pytest.fixture(scope="session")
+def cf_case():
+    record = {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "relation_id": "P103",
+            "target_new": {"str": "English", "id": "Q1860"},
+            "target_true": {"str": "French", "id": "Q150"},
+        },
+        "paraphrase_prompts": ["Where Danielle Darrieux is from, people speak", "Danielle Darrieux was born in"],
+        "neighborhood_prompts": ["Michel Rocard is a native speaker of", "The mother tongue of Thomas Joannes is", "Jean Vilar speaks"],
+        "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+    }
+    from memit.evaluation.datasets import parse_records
+
+    return parse_records([record], "cf")[0]

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets import DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
+from memit.evaluation.prompt_format import PromptFormat
 from memit.predict import score_continuations
 from memit.requests import EditRequest
 
@@ -37,9 +38,10 @@ def parse_qa(record: Any, index: int) -> QaCase:
     return QaCase(index, get_request(raw, index, ""))
 
 
-def evaluate_qa_case(model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: QaCase) -> dict:
-    prompt = case.request.filled_prompt()
-    new, true = score_continuations(model, tok, [prompt, prompt], [case.request.target_new, case.request.target_true])
+def evaluate_qa_case(model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: QaCase, fmt: PromptFormat) -> dict:
+    prompt = fmt.prompt(case.request.filled_prompt())
+    targets = [fmt.continuation(case.request.target_new), fmt.continuation(case.request.target_true)]
+    new, true = score_continuations(model, tok, [prompt, prompt], targets)
     return {
         "efficacy_success": float(true.mean_nll > new.mean_nll),
         "efficacy_acc": float(all(new.argmax_matches)),

@@ -22,7 +22,7 @@ from memit.evaluation.generation import (
 )
 from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
 from memit.evaluation.metrics_zsre import evaluate_zsre_case
-from memit.evaluation.runner import GenerationResources, evaluate_case, evaluate_cases
+from memit.evaluation.runner import GenerationResources, Scoring, evaluate_case, evaluate_cases
 from memit.stats import load_corpus
 
 from .helpers import nll_and_argmax
@@ -38,24 +38,6 @@ def _greedy_word(model, tok, prompt: str) -> str:
         if text.strip() and tok(text, add_special_tokens=False)["input_ids"] == [t] and int(order[0]) == t:
             return text
     pytest.skip("the tiny model's top token does not round-trip through the tokenizer")
-
-
-@pytest.fixture(scope="module")
-def cf_case():
-    record = {
-        "case_id": 7,
-        "requested_rewrite": {
-            "prompt": "The mother tongue of {} is",
-            "subject": "Danielle Darrieux",
-            "relation_id": "P103",
-            "target_new": {"str": "English", "id": "Q1860"},
-            "target_true": {"str": "French", "id": "Q150"},
-        },
-        "paraphrase_prompts": ["Where Danielle Darrieux is from, people speak", "Danielle Darrieux was born in"],
-        "neighborhood_prompts": ["Michel Rocard is a native speaker of", "The mother tongue of Thomas Joannes is", "Jean Vilar speaks"],
-        "generation_prompts": ["Danielle Darrieux's mother tongue is"],
-    }
-    return parse_records([record], "cf")[0]
 
 
 @pytest.fixture(scope="module")
@@ -209,10 +191,11 @@ def test_cases_generated_together_match_one_at_a_time(tiny_model, tokenizer, cf_
         dataclasses.replace(cf_case, case_id=i, generation_prompts=prompts)
         for i, prompts in enumerate([["The capital of France is"], ["A much longer prompt about Rome and", "Paris is"], []])
     ]
-    resources = GenerationResources()
-    together = {case.case_id: metrics for case, metrics, _ in evaluate_cases(tiny_model, tokenizer, cases, resources, 6)}
+    scoring = Scoring(generation=GenerationResources(), generation_tokens=6, answer_tokens=4)
+    together = {case.case_id: metrics for case, metrics, _ in evaluate_cases(tiny_model, tokenizer, cases, scoring)}
     for case in cases:
-        alone = evaluate_case(tiny_model, tokenizer, case, resources, 6)
-        assert together[case.case_id].get("generated_texts") == alone.get("generated_texts")
-        assert together[case.case_id].get("fluency") == alone.get("fluency")
+        alone = evaluate_case(tiny_model, tokenizer, case, scoring)
+        for key in ("generated_texts", "fluency", "generated_answers", "gen_efficacy", "gen_neighborhood_em"):
+            assert together[case.case_id].get(key) == alone.get(key)
     assert "fluency" not in together[2] and len(together[1]["generated_texts"]) == 2
+    assert len(together[2]["generated_answers"]) == 1 + len(cf_case.paraphrase_prompts) + len(cf_case.neighborhood_prompts)

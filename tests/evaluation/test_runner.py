@@ -175,3 +175,33 @@ def test_evaluate_rejects_a_file_that_fits_no_schema(tmp_path):
     wrong = CliRunner().invoke(main, ["evaluate", "--dataset", "zsre", "--data-file", str(bad), "--out", str(tmp_path)])
     assert "record 0" in wrong.output and "'src'" in wrong.output
     assert not (tmp_path / "MEMIT").exists()
+
+
+def test_reused_edits_are_scored_again_and_never_stale(default_model, fast_hparams, tmp_path):
+    model, tok = default_model
+    before = _weights(model)
+    edits: list = []
+    hooks = RunHooks(on_edit=lambda batch: edits.append([c.case_id for c in batch]))
+    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, sequential_batches=2, limit=2,
+                       out=str(tmp_path), skip_generation=True, reuse_edits=True)
+    raw = run_evaluation(config, model, tok, fast_hparams, hooks=hooks)
+    assert len(edits) == 2
+    # The same edits scored with the chat template: nothing is edited again.
+    chat = run_evaluation(dataclasses.replace(config, chat_template=True), model, tok, fast_hparams, hooks=hooks)
+    assert len(edits) == 2
+    first = json.loads(next(chat.glob("case_*.json")).read_text())
+    raw_first = json.loads((raw / next(chat.glob("case_*.json")).name).read_text())
+    assert (first["prompt_format"], raw_first["prompt_format"]) == ("chat", "raw")
+    # Case files keep the data set's prompts; the scores are those of the wrapped ones.
+    assert first["post"]["prompts"]["efficacy"][0]["prompt"] == raw_first["post"]["prompts"]["efficacy"][0]["prompt"]
+    assert first["post"]["prompts"]["efficacy"][0]["nll_new"] != raw_first["post"]["prompts"]["efficacy"][0]["nll_new"]
+    # One batch at a time: the first case's edit is the same as before, the second case's is
+    # not (before, it was made on top of the first) and is computed afresh.
+    run_evaluation(dataclasses.replace(config, sequential_batches=1), model, tok, fast_hparams, hooks=hooks)
+    assert len(edits) == 3 and edits[-1] == [edits[1][0]]
+    # Other hyperparameters: another edit.
+    other = dataclasses.replace(fast_hparams, v_num_grad_steps=3)
+    run_evaluation(dataclasses.replace(config, sequential_batches=1, limit=1), model, tok, other, hooks=hooks)
+    assert len(edits) == 4
+    assert len(list((tmp_path / ".edit_cache").iterdir())) == 4
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())

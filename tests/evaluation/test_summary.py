@@ -55,12 +55,20 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
         record = json.loads(case.read_text())
         record.update(grouped_case_ids=[0, 1], time={"edit_seconds": 30.0, "post_seconds": seconds})
         case.write_text(json.dumps(record))
-    result = CliRunner().invoke(main, ["summarize", "--compare", str(one), str(seq)])
+    chat = _make_run(tmp_path / "run_002", 2, [({**_cf(0.0, 0.0, 0.5), "gen_efficacy": 0.0}, {**_cf(1.0, 1.0, 0.5), "gen_efficacy": 0.5})])
+    params = json.loads((chat / "params.json").read_text())
+    params["config"]["chat_template"] = True
+    (chat / "params.json").write_text(json.dumps(params))
+    result = CliRunner().invoke(main, ["summarize", "--compare", str(one), str(seq), str(chat)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[2] == "| unedited | - | 2 | 0.0 | 0.0 | 100.0 | 0.0 | 500.0 | - | - |"
-    assert lines[3] == "| MEMIT | 2 | 2 | 100.0 | 50.0 | 50.0 | 60.0 | 400.0 | 30 | 7 |"
-    assert lines[4].startswith("| MEMIT | 10 x 1 sequential | 1 | 100.0 | 100.0 | 100.0 | 100.0 | 300.0 |")
+    assert "| gen. efficacy | gen. paraphrase | gen. neighborhood |" in lines[0]
+    # An unedited row per prompt format, from the first run asked that way.
+    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | 500.0 | - | - |"
+    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - |"
+    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | 400.0 | 30 | 7 |"
+    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | 300.0 |")
+    assert lines[6].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
 
 
 def test_summarize_json_for_zsre_has_null_success(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from memit.cli_options import edit_options, edit_options_from, model_options
+from memit.evaluation.answers import DEFAULT_ANSWER_TOKENS
 from memit.evaluation.datasets import DATASETS, DEFAULT_DATASET
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,13 @@ def _run_options(func):
         click.option("--data-file", default=None, type=click.Path(dir_okay=False, exists=True), help="Evaluate this file instead of the data set's default file."),
         click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data)."),
         click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset)."),
-        click.option("--skip-generation", is_flag=True, help="Skip fluency and consistency (greedy generation is slow on a CPU)."),
+        click.option("--chat-template", is_flag=True, help="Ask every question as a user turn of the model's chat template (default: the prompts as written)."),
+        click.option("--skip-generation", is_flag=True, help="Skip the paper's fluency and consistency (100-token generations; slow on a CPU)."),
         click.option("--generation-tokens", default=100, show_default=True, help="Tokens generated per generation prompt."),
+        click.option("--generated-answers/--no-generated-answers", default=True, show_default=True,
+                     help="Greedy answers to every question judged against the targets (gen_* metrics)."),
+        click.option("--answer-tokens", default=DEFAULT_ANSWER_TOKENS, show_default=True, help="Most tokens of a generated answer."),
+        click.option("--reuse-edits", is_flag=True, help="Keep each batch's weight changes under OUT/.edit_cache and reuse them in runs that make the same edit."),
         click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False), help="Results folder; runs go to OUT/ALG/run_NNN."),
     ]
     for option in reversed(options):
@@ -42,8 +48,8 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @click.option("--continue-from-run", default=None, help="Continue a run (run_NNN, NNN or its folder), skipping finished cases.")
 @edit_options
 @model_options
-def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
-             num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
+def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
+             generated_answers, answer_tokens, reuse_edits, out, num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
     from memit.evaluation.runner import RunConfig, run_evaluation
     from memit.evaluation.summary import format_table, summarize_run
@@ -51,8 +57,9 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, skip_genera
     config = RunConfig(
         alg=alg, model=model_name, dataset=_dataset(dataset, data_file), data_file=data_file, data_dir=data_dir,
         num_edits=num_edits, sequential_batches=sequential_batches, limit=limit, hparams=hparams,
-        skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, continue_from_run=continue_from_run,
-        **load,
+        chat_template=chat_template, skip_generation=skip_generation, generation_tokens=generation_tokens,
+        generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out,
+        continue_from_run=continue_from_run, **load,
     )
     start = time.perf_counter()
     run_dir = run_evaluation(config, options=edit_options_from(**edit_opts))
@@ -84,8 +91,8 @@ def summarize(run_dirs, as_json, compare):
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
 @edit_options
 @model_options
-def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generation, generation_tokens, out,
-          num_edits, min_cases, plot_path, load, **edit_opts):
+def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
+          generated_answers, answer_tokens, reuse_edits, out, num_edits, min_cases, plot_path, load, **edit_opts):
     """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
     from memit.evaluation.datasets import load_cases
     from memit.evaluation.runner import RunConfig
@@ -103,7 +110,8 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
     if dataset is None:
         dataset = load_cases(None, data_file)[0]
     base = RunConfig(alg=alg, model=model_name, dataset=dataset, data_file=data_file, data_dir=data_dir, hparams=hparams,
-                     skip_generation=skip_generation, generation_tokens=generation_tokens, out=out, **load)
+                     chat_template=chat_template, skip_generation=skip_generation, generation_tokens=generation_tokens,
+                     generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out, **load)
     model, tok = load_model(model_name, **load)
     summaries = run_scaling(base, sizes, min_cases, model, tok, options=edit_options_from(**edit_opts))
     for s in summaries:
@@ -116,14 +124,13 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, skip_generatio
 @click.command()
 @click.argument("names", nargs=-1, required=True)
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Data folder (default: $MEMIT_DATA, else $MEMIT_HOME/data).")
-@click.option("--base-url", default=None, help="Host to download from (default: the paper's).")
+@click.option("--base-url", default=None, help="Folder URL to fetch every file from (default: each file's own host).")
 @click.option("--retries", default=3, show_default=True)
 def download(names, data_dir, base_url, retries):
-    """Download data sets (cf, mcf, zsre, known, generation, or file names), verifying sha256."""
+    """Download data sets (cf, mcf, zsre, mquake, known, generation, or file names), verifying sha256 where published."""
     from memit.evaluation import datasets
-    from memit.evaluation.download import BASE_URL
     from memit.evaluation.download import download as fetch
 
-    for path in fetch(list(names), datasets.data_dir(data_dir), base_url or BASE_URL, retries=retries):
+    for path in fetch(list(names), datasets.data_dir(data_dir), base_url, retries=retries):
         click.echo(f"{path}")
 

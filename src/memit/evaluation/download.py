@@ -145,13 +145,22 @@ def download_file(
                     fresh_retry_done = True
                     continue
                 raise ChecksumError(f"{url}: sha256 {got} does not match the expected {sha256}; nothing was saved")
+        if sha256 is None:  # the host publishes none: say what was received, so it can be pinned
+            log.info("%s has no published checksum; received sha256 %s", url, sha256_of(part))
         os.replace(part, dest)
         log.info("Saved %s", dest)
         return dest
 
 
-def download(names: list[str], folder: str | os.PathLike, base_url: str = BASE_URL, **kwargs) -> list[Path]:
-    """Download data sets by bundle name (cf, mcf, zsre, known, generation) or file name."""
+def remote_url(file: RemoteFile, base_url: str | None = None) -> str:
+    """Where ``file`` is fetched from: ``base_url`` (a mirror) if given, else its own host,
+    else the paper's."""
+    return f"{(base_url or file.base_url or BASE_URL).rstrip('/')}/{file.name}"
+
+
+def download(names: list[str], folder: str | os.PathLike, base_url: str | None = None, **kwargs) -> list[Path]:
+    """Download data sets by bundle name (cf, mcf, zsre, mquake, known, generation) or file
+    name; ``base_url`` fetches every file from that folder instead of its own host."""
     named, known = bundles(), remote_files()
     files: list[str] = []
     for name in names:
@@ -161,12 +170,10 @@ def download(names: list[str], folder: str | os.PathLike, base_url: str = BASE_U
             files.append(name)
         else:
             raise DownloadError(f"download: unknown data set {name!r}; choose from {', '.join([*named, *known])}")
-    return [
-        download_file(f"{base_url.rstrip('/')}/{f}", Path(folder) / f, known[f].sha256, **kwargs)
-        for f in dict.fromkeys(files)
-    ]
+    return [download_file(remote_url(known[f], base_url), Path(folder) / f, known[f].sha256, **kwargs) for f in dict.fromkeys(files)]
 
 
 __all__ = [
-    "BASE_URL", "ChecksumError", "DownloadError", "RemoteFile", "bundles", "download", "download_file", "remote_files", "sha256_of",
+    "BASE_URL", "ChecksumError", "DownloadError", "RemoteFile", "bundles", "download", "download_file", "remote_files", "remote_url",
+    "sha256_of",
 ]

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.evaluation.answers import Probe
+from memit.evaluation.prompt_format import RAW, PromptFormat
 from memit.predict import score_continuations
 
 if TYPE_CHECKING:  # the data set modules import these metrics
@@ -41,8 +43,19 @@ def group_prompts(case: CounterFactCase) -> dict[str, list[str]]:
     }
 
 
+def counterfact_probes(case: CounterFactCase) -> list[Probe]:
+    """The rewrite and its paraphrases should now be answered with the new target; the
+    neighborhood prompts still with the true one."""
+    new, true = (case.request.target_new,), (case.request.target_true or "",)
+    return [Probe(name, p, true if GROUPS[name] else new) for name, prompts in group_prompts(case).items() for p in prompts]
+
+
 def score_case(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: CounterFactCase, batch_size: int = 32
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    case: CounterFactCase,
+    fmt: PromptFormat = RAW,
+    batch_size: int = 32,
 ) -> dict[str, list[PromptScore]]:
     """NLLs of both targets after every prompt of the case, in one batched pass."""
     target_new, target_true = case.request.target_new, case.request.target_true
@@ -50,8 +63,8 @@ def score_case(
         raise ValueError(f"case {case.case_id}: CounterFact metrics need target_true")
     groups = group_prompts(case)
     flat = [(name, p) for name, prompts in groups.items() for p in prompts]
-    prompts = [p for _, p in flat for _ in (0, 1)]
-    targets = [t for _ in flat for t in (target_new, target_true)]
+    prompts = [fmt.prompt(p) for _, p in flat for _ in (0, 1)]
+    targets = [fmt.continuation(t) for _ in flat for t in (target_new, target_true)]
     scores = score_continuations(model, tok, prompts, targets, batch_size=batch_size)
     out: dict[str, list[PromptScore]] = {name: [] for name in groups}
     for i, (name, prompt) in enumerate(flat):
@@ -86,10 +99,10 @@ def summarize_case(scores: dict[str, list[PromptScore]]) -> dict[str, float | No
 
 
 def evaluate_counterfact_case(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: CounterFactCase, batch_size: int = 32
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: CounterFactCase, fmt: PromptFormat = RAW, batch_size: int = 32
 ) -> dict:
     """Summary metrics plus the per-prompt scores, ready for JSON."""
-    scores = score_case(model, tok, case, batch_size)
+    scores = score_case(model, tok, case, fmt, batch_size)
     return {**summarize_case(scores), "prompts": {name: [asdict(s) for s in group] for name, group in scores.items()}}
 
 
@@ -97,4 +110,4 @@ def _mean(values: list) -> float:
     return float(sum(values)) / len(values)
 
 
-__all__ = ["GROUPS", "PromptScore", "accuracy", "evaluate_counterfact_case", "magnitude", "score_case", "success", "summarize_case"]
+__all__ = ["GROUPS", "PromptScore", "accuracy", "counterfact_probes", "evaluate_counterfact_case", "magnitude", "score_case", "success", "summarize_case"]

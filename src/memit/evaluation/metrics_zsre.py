@@ -1,13 +1,16 @@
 """zsRE metrics, computed as the paper's code does: teacher-forced top-1 accuracy of each
 answer token (averaged over the answer's tokens) for the edit question (efficacy), its
 rephrase (paraphrase) and the unrelated NQ question (specificity, ``loc`` + "?" followed
-by " " + ``loc_ans``)."""
+by " " + ``loc_ans``). Records in EasyEdit's format may carry a ``portability`` question
+that needs the new fact to answer; it is scored the same way (``portability_acc``)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.evaluation.answers import Probe
+from memit.evaluation.prompt_format import RAW, PromptFormat
 from memit.predict import score_continuations
 
 if TYPE_CHECKING:  # the data set modules import these metrics
@@ -16,19 +19,30 @@ if TYPE_CHECKING:  # the data set modules import these metrics
 
 def zsre_prompts(case: ZsreCase) -> dict[str, tuple[str, str]]:
     """Group -> (prompt, expected continuation)."""
-    return {
+    groups = {
         "efficacy": (case.request.filled_prompt(), case.request.target_new),
         "paraphrase": (case.rephrase, case.request.target_new),
         "neighborhood": (case.loc + "?", " " + case.loc_ans.strip()),
     }
+    if case.portability is not None:
+        question, answer = case.portability
+        groups["portability"] = (question, " " + answer.strip())
+    return groups
 
 
-def evaluate_zsre_case(model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: ZsreCase, batch_size: int = 32) -> dict:
+def zsre_probes(case: ZsreCase) -> list[Probe]:
+    return [Probe(name, prompt, (target,)) for name, (prompt, target) in zsre_prompts(case).items()]
+
+
+def evaluate_zsre_case(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: ZsreCase, fmt: PromptFormat = RAW, batch_size: int = 32
+) -> dict:
     """``<group>_acc`` (mean over answer tokens) and the per-token matches of each group."""
     groups = zsre_prompts(case)
-    scores = score_continuations(model, tok, [p for p, _ in groups.values()], [c for _, c in groups.values()], batch_size)
+    prompts = [fmt.prompt(p) for p, _ in groups.values()]
+    scores = score_continuations(model, tok, prompts, [fmt.continuation(t) for _, t in groups.values()], batch_size)
     out: dict = {}
-    for (name, (prompt, target)), score in zip(groups.items(), scores):
+    for name, score in zip(groups, scores):
         out[f"{name}_acc"] = sum(score.argmax_matches) / len(score.argmax_matches)
     out["prompts"] = {
         name: {"prompt": prompt, "target": target, "token_correct": score.argmax_matches}
@@ -37,4 +51,4 @@ def evaluate_zsre_case(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cas
     return out
 
 
-__all__ = ["evaluate_zsre_case", "zsre_prompts"]
+__all__ = ["evaluate_zsre_case", "zsre_probes", "zsre_prompts"]

@@ -21,6 +21,7 @@ from memit.editing.base import EditOptions, Editor
 from memit.editing.hparams import HyperParams
 from memit.editing.methods import get_editor_class, resolve_hparams
 from memit.errors import InputError
+from memit.evaluation.answers import DEFAULT_ANSWER_TOKENS, answer_metrics, generate_answers, judge
 from memit.evaluation.datasets import (
     DEFAULT_DATASET,
     Case,
@@ -31,6 +32,7 @@ from memit.evaluation.datasets import (
     get_dataset,
     load_cases,
 )
+from memit.evaluation.datasets.base import case_requests
 from memit.evaluation.generation import (
     Snippets,
     TfidfModel,
@@ -40,7 +42,8 @@ from memit.evaluation.generation import (
     load_snippets,
     load_tfidf,
 )
-from memit.requests import RequestError, check_tokenization, parse_requests
+from memit.evaluation.prompt_format import RAW, PromptFormat, prompt_format
+from memit.requests import EditRequest, RequestError, check_tokenization, parse_requests
 from memit.stats.corpus import Corpus
 from memit.utils.io import read_json, write_json
 from memit.utils.progress import progress
@@ -48,12 +51,16 @@ from memit.utils.progress import progress
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
+EDIT_CACHE = ".edit_cache"
 _RUN = re.compile(r"run_(\d+)$")
 # Generated texts of this many cases (about 10 prompts each) are decoded together.
 CASES_PER_GENERATION_BATCH = 12
 GENERATION_BATCH = 128
 # Parameters that must agree for a run to be continued.
-RUN_IDENTITY = ("alg", "model", "dtype", "dataset", "data_file", "num_edits", "sequential_batches", "limit", "skip_generation", "generation_tokens")
+RUN_IDENTITY = (
+    "alg", "model", "dtype", "dataset", "data_file", "num_edits", "sequential_batches", "limit",
+    "chat_template", "skip_generation", "generation_tokens", "generated_answers", "answer_tokens",
+)
 
 
 class RunError(InputError):
@@ -78,8 +85,17 @@ class RunConfig:
     device: str = "auto"
     device_map: str | None = None
     offload_folder: str | None = None
+    # Prompts as a user turn of the model's chat template instead of as written.
+    chat_template: bool = False
+    # The paper's 100-token fluency and consistency generations.
     skip_generation: bool = False
     generation_tokens: int = 100
+    # Short greedy answers judged against the targets (the gen_* metrics).
+    generated_answers: bool = True
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS
+    # Keep each batch's weight changes under <out>/.edit_cache and reuse them in any run that
+    # makes the same edit (e.g. the same edits scored with and without the chat template).
+    reuse_edits: bool = False
     out: str = "results"
     continue_from_run: str | None = None
 
@@ -90,6 +106,8 @@ class RunConfig:
             raise RunError(f"sequential_batches: must be at least 1, got {self.sequential_batches}")
         if self.limit is not None and self.limit < 1:
             raise RunError(f"limit: must be at least 1, got {self.limit}")
+        if self.answer_tokens < 1:
+            raise RunError(f"answer_tokens: must be at least 1, got {self.answer_tokens}")
 
 
 @dataclass
@@ -107,6 +125,17 @@ class GenerationResources:
             log.warning("No %s in %s: consistency is skipped (fluency is still computed)", "attribute_snippets.json", folder)
             return cls()
         return cls(snippets, load_tfidf(folder, corpus))
+
+
+@dataclass
+class Scoring:
+    """How cases are scored: the prompt format, the paper's generation metrics (None skips
+    them) and the generated answers (``answer_tokens`` None skips them)."""
+
+    fmt: PromptFormat = RAW
+    generation: GenerationResources | None = None
+    generation_tokens: int = 100
+    answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
 
 
 @dataclass
@@ -167,20 +196,26 @@ def evaluate_case(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     case: Case,
-    generation: GenerationResources | None,
-    generation_tokens: int = 100,
-    texts: list[str] | None = None,
+    scoring: Scoring | None = None,
     spec: DatasetSpec | None = None,
+    texts: list[str] | None = None,
+    answers: list[str] | None = None,
 ) -> dict[str, Any]:
     """All metrics of ``case`` of data set ``spec`` (default: the first with cases of its
-    type) on the model as it is now; ``generation`` None skips the generation metrics,
-    ``texts`` are its generated texts if already computed."""
+    type) on the model as it is now; ``texts`` and ``answers`` are its generated texts and
+    answers if already computed."""
+    scoring = scoring or Scoring()
     spec = spec or dataset_of(case)
-    metrics = spec.evaluate_case(model, tok, case)
-    if generation is not None and _has_generation(case, spec):
+    metrics = spec.evaluate_case(model, tok, case, scoring.fmt)
+    if scoring.answer_tokens is not None and spec.probes is not None:
+        probes = spec.probes(case)
+        if answers is None:
+            answers = generate_answers(model, tok, [scoring.fmt.prompt(p.prompt) for p in probes], scoring.answer_tokens)
+        metrics.update(answer_metrics(judge(probes, answers), spec.any_groups))
+    if scoring.generation is not None and _has_generation(case, spec):
         if texts is None:
-            texts = generate_greedy(model, tok, case.generation_prompts, max_new_tokens=generation_tokens)
-        metrics.update(generation_metrics(case, texts, generation))
+            texts = generate_greedy(model, tok, case.generation_prompts, max_new_tokens=scoring.generation_tokens)
+        metrics.update(generation_metrics(case, texts, scoring.generation))
     return metrics
 
 
@@ -188,19 +223,21 @@ def evaluate_cases(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     cases: list[Case],
-    generation: GenerationResources | None,
-    generation_tokens: int = 100,
+    scoring: Scoring | None = None,
     spec: DatasetSpec | None = None,
 ) -> Iterator[tuple[Case, dict[str, Any], float]]:
-    """(case, metrics, seconds) for each case, generating the texts of several cases in one
-    batch: on a CPU a decoding step reads every weight, whether for 10 prompts or 128."""
+    """(case, metrics, seconds) for each case, decoding the texts and answers of several
+    cases in one batch: on a CPU a decoding step reads every weight, whether for 10 prompts
+    or 128."""
+    scoring = scoring or Scoring()
     for chunk in _groups(cases, CASES_PER_GENERATION_BATCH):
         start = time.perf_counter()
-        texts = _generated_texts(model, tok, chunk, generation, generation_tokens, spec)
+        texts = _generated_texts(model, tok, chunk, scoring, spec)
+        answers = _generated_answers(model, tok, chunk, scoring, spec)
         shared = (time.perf_counter() - start) / len(chunk)
         for case in chunk:
             start = time.perf_counter()
-            metrics = evaluate_case(model, tok, case, generation, generation_tokens, texts.get(case.case_id), spec)
+            metrics = evaluate_case(model, tok, case, scoring, spec, texts.get(case.case_id), answers.get(case.case_id))
             yield case, metrics, shared + time.perf_counter() - start
 
 
@@ -208,22 +245,34 @@ def _has_generation(case: Any, spec: DatasetSpec | None = None) -> bool:
     return (spec or dataset_of(case)).has_generation and bool(case.generation_prompts)
 
 
+def _split(cases: list[Case], per_case: list[list[Any]], outputs: list[Any]) -> dict[Any, list[Any]]:
+    """``outputs`` of the concatenated ``per_case`` inputs, cut back into one list per case."""
+    out: dict[Any, list[Any]] = {}
+    for case, inputs in zip(cases, per_case):
+        out[case.case_id], outputs = outputs[: len(inputs)], outputs[len(inputs) :]
+    return out
+
+
 def _generated_texts(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    cases: list[Case],
-    generation: GenerationResources | None,
-    tokens: int,
-    spec: DatasetSpec | None = None,
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: list[Case], scoring: Scoring, spec: DatasetSpec | None
 ) -> dict[Any, list[str]]:
-    if generation is None:
+    if scoring.generation is None:
         return {}
     prompted: list[Any] = [c for c in cases if _has_generation(c, spec)]
-    texts = generate_greedy(model, tok, [p for c in prompted for p in c.generation_prompts], tokens, batch_size=GENERATION_BATCH)
-    out: dict[Any, list[str]] = {}
-    for case in prompted:
-        out[case.case_id], texts = texts[: len(case.generation_prompts)], texts[len(case.generation_prompts) :]
-    return out
+    prompts = [c.generation_prompts for c in prompted]
+    texts = generate_greedy(model, tok, [p for ps in prompts for p in ps], scoring.generation_tokens, batch_size=GENERATION_BATCH)
+    return _split(prompted, prompts, texts)
+
+
+def _generated_answers(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: list[Case], scoring: Scoring, spec: DatasetSpec | None
+) -> dict[Any, list[str]]:
+    spec = spec or (dataset_of(cases[0]) if cases else None)
+    if scoring.answer_tokens is None or spec is None or spec.probes is None:
+        return {}
+    prompts = [[scoring.fmt.prompt(p.prompt) for p in spec.probes(c)] for c in cases]
+    answers = generate_answers(model, tok, [p for ps in prompts for p in ps], scoring.answer_tokens)
+    return _split(cases, prompts, answers)
 
 
 def generation_metrics(case: CounterFactCase, texts: list[str], res: GenerationResources) -> dict[str, Any]:
@@ -245,7 +294,10 @@ def pre_cache_dir(config: RunConfig, model: PreTrainedModel, with_generation: bo
     (the model must be unedited when a run starts; runs restore it after every group)."""
     from memit.models.loading import model_fingerprint
 
+    answers = config.answer_tokens if config.generated_answers else None
     key = f"{Path(config.data_file or '').resolve()}|{config.dataset}|{with_generation}|{config.generation_tokens}"
+    if config.chat_template or answers is not None:  # keeps the keys of caches written before these options
+        key += f"|chat={config.chat_template}|answers={answers}"
     return Path(config.out) / ".pre_cache" / model_fingerprint(model) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -253,7 +305,7 @@ def _pre_metrics(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     cases: list[Case],
-    generation: GenerationResources | None,
+    scoring: Scoring,
     config: RunConfig,
     cache: Path | None,
 ) -> dict[Any, dict[str, Any]]:
@@ -263,7 +315,7 @@ def _pre_metrics(
 
     pre = {c.case_id: read_json(p, what="cached pre-edit metrics") for c in cases if (p := path(c)) is not None and p.is_file()}
     todo = [c for c in cases if c.case_id not in pre]
-    scored = evaluate_cases(model, tok, todo, generation, config.generation_tokens, _run_spec(config))
+    scored = evaluate_cases(model, tok, todo, scoring, _run_spec(config))
     for case, metrics, _ in progress(scored, total=len(todo), desc="unedited scoring", unit="cases", logger=log, leave=False):
         if (p := path(case)) is not None:
             write_json(p, metrics)
@@ -290,7 +342,7 @@ def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int |
         if limit is not None and len(kept) >= limit:
             break
         try:
-            check_tokenization([case.request], tok)
+            check_tokenization(list(case_requests(case)), tok)
         except RequestError as err:
             log.warning("Skipping case %s: %s", case.case_id, str(err).replace("request 0: ", ""))
             skipped.append(case.case_id)
@@ -303,7 +355,7 @@ def _validate_batches(cases: list[Case], config: RunConfig) -> None:
     """Reject batches that cannot be edited before any time is spent (names the case)."""
     for group in _groups(cases, config.num_edits):
         try:
-            parse_requests([c.request for c in group])
+            parse_requests([r for c in group for r in case_requests(c)])
         except RequestError as err:
             first = group[0].case_id
             raise RunError(f"the batch starting at case {first}: {err}") from None
@@ -372,17 +424,21 @@ def run_evaluation(
     })
     # One editor for the whole run, so that what it derives from the statistics is reused.
     editor = get_editor_class(config.alg)(hparams, options)
-    generation = None
     spec = _run_spec(config)
+    scoring = Scoring(
+        fmt=prompt_format(tok, config.chat_template),
+        generation_tokens=config.generation_tokens,
+        answer_tokens=config.answer_tokens if config.generated_answers else None,
+    )
     if not config.skip_generation and any(_has_generation(c, spec) for c in cases):
-        generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
-    pre_cache = pre_cache_dir(config, model, generation is not None)
+        scoring.generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
+    pre_cache = pre_cache_dir(config, model, scoring.generation is not None)
     group_size = config.num_edits * config.sequential_batches
     todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
     log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
     for group in progress(todo, desc=f"evaluate {run_dir.name}", unit="groups", logger=log):
-        _run_group(model, tok, editor, config, run_dir, group, generation, hooks, pre_cache)
+        _run_group(model, tok, editor, config, run_dir, group, scoring, hooks, pre_cache)
     shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
     return run_dir
 
@@ -394,31 +450,39 @@ def _run_group(
     config: RunConfig,
     run_dir: Path,
     group: list[Case],
-    generation: GenerationResources | None,
+    scoring: Scoring,
     hooks: RunHooks,
     pre_cache: Path | None = None,
 ) -> None:
     """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert."""
     pending = [c for c in group if not case_file(run_dir, c).is_file()]
     start = time.perf_counter()
-    pre = _pre_metrics(model, tok, pending, generation, config, pre_cache)
+    pre = _pre_metrics(model, tok, pending, scoring, config, pre_cache)
     pre_seconds = time.perf_counter() - start
     log.info("Unedited metrics of %d cases: %.0f s; editing %d cases", len(pending), pre_seconds, len(group))
     applied: list[WeightDeltas] = []
+    keys: list[str] = []
     try:
         start = time.perf_counter()
         for k, batch in enumerate(_groups(group, config.num_edits)):
-            applied.append(_edit_or_reload(model, tok, editor, run_dir, group, k, batch, applied, hooks))
+            requests = _batch_requests(batch)
+            if config.reuse_edits:
+                keys.append(edit_key(editor, model, requests, keys))
+                folder = Path(config.out) / EDIT_CACHE / keys[-1]
+            else:
+                folder = _deltas_dir(run_dir, group) / f"batch_{k}"
+            applied.append(_edit_or_reload(model, tok, editor, folder, batch, requests, applied, hooks))
         edit_seconds = time.perf_counter() - start
         log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
-        scored = evaluate_cases(model, tok, pending, generation, config.generation_tokens, _run_spec(config))
+        scored = evaluate_cases(model, tok, pending, scoring, _run_spec(config))
         for case, post, seconds in progress(scored, total=len(pending), desc="post-edit scoring", unit="cases", logger=log, leave=False):
             record = {
                 "case_id": case.case_id,
                 "num_edits": config.num_edits,
                 "sequential_batches": config.sequential_batches,
                 "grouped_case_ids": [c.case_id for c in group],
-                "requested_rewrite": case.request.to_dict(),
+                **_rewrites(case),
+                "prompt_format": scoring.fmt.name,
                 "time": {"edit_seconds": edit_seconds, "pre_seconds_group": pre_seconds, "post_seconds": seconds},
                 "pre": pre[case.case_id],
                 "post": post,
@@ -433,34 +497,62 @@ def _run_group(
     shutil.rmtree(_deltas_dir(run_dir, group), ignore_errors=True)
 
 
+def _rewrites(case: Case) -> dict[str, Any]:
+    """``requested_rewrite`` as the paper writes it; a case with several edits (MQuAKE)
+    lists them all as ``requested_rewrites``."""
+    requests = case_requests(case)
+    if len(requests) == 1:
+        return {"requested_rewrite": requests[0].to_dict()}
+    return {"requested_rewrite": requests[0].to_dict(), "requested_rewrites": [r.to_dict() for r in requests]}
+
+
+def _batch_requests(batch: list[Case]) -> list[EditRequest]:
+    """The edits of a batch; one fact asked for by several cases (MQuAKE chains share
+    edits) is edited once."""
+    unique: dict[tuple[str, str, str], EditRequest] = {}
+    for request in (r for c in batch for r in case_requests(c)):
+        unique.setdefault((request.prompt, request.subject, request.target_new), request)
+    return list(unique.values())
+
+
 def _deltas_dir(run_dir: Path, group: list[Case]) -> Path:
     return run_dir / ".deltas" / f"group_{group[0].case_id}"
+
+
+def edit_key(editor: Editor, model: PreTrainedModel, requests: list[EditRequest], earlier: list[str]) -> str:
+    """What an edit depends on: method, hyperparameters, base model, options that change the
+    result, the requests and the keys of the batches applied before (sequential editing)."""
+    from memit.models.loading import model_fingerprint
+
+    options = {k: v for k, v in dataclasses.asdict(editor.options).items() if k not in ("stats_dir", "stats_batch_tokens")}
+    payload = {
+        "alg": editor.name, "hparams": hparams_json(editor.hparams), "model": model_fingerprint(model), "dtype": str(model.dtype),
+        "options": options, "requests": [r.to_dict() for r in requests], "earlier": earlier,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _edit_or_reload(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     editor: Editor,
-    run_dir: Path,
-    group: list[Case],
-    k: int,
+    folder: Path,
     batch: list[Case],
+    requests: list[EditRequest],
     earlier: list[WeightDeltas],
     hooks: RunHooks,
 ) -> WeightDeltas:
-    """Apply batch ``k`` of the group on top of the ``earlier`` batches: the deltas saved by
-    an interrupted attempt of this run if there are any (so a killed run does not recompute a
-    finished edit), else a new edit, saved until the group's cases are all written."""
-    folder = _deltas_dir(run_dir, group) / f"batch_{k}"
-    ids = [c.case_id for c in batch]
+    """Apply ``requests`` (of the cases ``batch``) on top of the ``earlier`` batches: the
+    deltas saved in ``folder`` if there are any (by an interrupted attempt of this run, or by
+    any run when edits are reused), else a new edit, saved there."""
     if (folder / "edit_config.json").is_file():
         saved = WeightDeltas.load(folder)
-        if [r.get("case_id") for r in saved.manifest.get("requests", [])] == ids:
-            log.info("Reusing the saved edit of cases %s..%s", ids[0], ids[-1])
+        if [r.get("case_id") for r in saved.manifest.get("requests", [])] == [r.case_id for r in requests]:
+            log.info("Reusing the saved edit of cases %s..%s", batch[0].case_id, batch[-1].case_id)
             return saved.apply(model)
     if hooks.on_edit:
         hooks.on_edit(batch)
-    deltas = editor.edit(model, tok, [c.request for c in batch], earlier)
+    deltas = editor.edit(model, tok, requests, earlier)
     deltas.save(folder)
     return deltas
 
@@ -470,6 +562,7 @@ __all__ = [
     "RunConfig",
     "RunError",
     "RunHooks",
+    "Scoring",
     "case_file",
     "evaluate_case",
     "evaluate_cases",

@@ -26,10 +26,17 @@ METRICS = (
     "efficacy_acc",
     "paraphrase_acc",
     "neighborhood_acc",
-    "fluency",
-    "consistency",
+    "portability_acc",
+    "multihop_success",
 )
-JSON_KEYS = (*SUCCESS_KEYS, "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "score", "fluency", "consistency", "num_cases")
+# Groups of the generated-answer metrics: gen_<group> (first thing said) and gen_<group>_em.
+ANSWER_GROUPS = ("efficacy", "paraphrase", "neighborhood", "portability", "multihop")
+ANSWER_KEYS = tuple(key for g in ANSWER_GROUPS for key in (f"gen_{g}", f"gen_{g}_em"))
+METRICS = (*METRICS, *ANSWER_KEYS, "fluency", "consistency")
+JSON_KEYS = (
+    *SUCCESS_KEYS, "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "portability_acc", "multihop_success",
+    "score", *ANSWER_KEYS, "fluency", "consistency", "num_cases",
+)
 LABELS = {
     "score": "Score",
     "efficacy_success": "Efficacy success",
@@ -41,6 +48,10 @@ LABELS = {
     "efficacy_acc": "Efficacy acc",
     "paraphrase_acc": "Paraphrase acc",
     "neighborhood_acc": "Neighborhood acc",
+    "portability_acc": "Portability acc",
+    "multihop_success": "Multi-hop success",
+    **{f"gen_{g}": f"Generated {g} (first said)" for g in ANSWER_GROUPS},
+    **{f"gen_{g}_em": f"Generated {g} (exact)" for g in ANSWER_GROUPS},
     "fluency": "Fluency (n-gram entropy)",
     "consistency": "Consistency (tf-idf)",
 }
@@ -88,6 +99,7 @@ class RunSummary:
             "dataset": config.get("dataset"),
             "num_edits": config.get("num_edits"),
             "sequential_batches": config.get("sequential_batches"),
+            "prompt_format": prompt_format_of(self.params),
         }
         for key in JSON_KEYS:
             out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
@@ -99,6 +111,11 @@ class RunSummary:
             out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
         out["consistency_tfidf"] = self.consistency_tfidf
         return out
+
+
+def prompt_format_of(params: dict[str, Any]) -> str:
+    """``chat`` or ``raw``: how the run's questions reached the model."""
+    return "chat" if params.get("config", {}).get("chat_template") else "raw"
 
 
 def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -139,7 +156,8 @@ def format_table(summary: RunSummary) -> str:
     config = summary.params.get("config", {})
     head = (
         f"{summary.run_dir}  alg={config.get('alg')} model={config.get('model')} dataset={config.get('dataset')} "
-        f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases}"
+        f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases} "
+        f"prompts={prompt_format_of(summary.params)}"
     )
     lines = [head, f"{'metric (x100)':<34}{'pre':>18}{'post':>18}"]
     labels = metric_labels(config.get("dataset"))
@@ -161,25 +179,33 @@ def format_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-COMPARED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "fluency")
+COMPARED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency")
 
 
 def format_comparison(summaries: list[RunSummary]) -> str:
     """One Markdown row per run (post-edit means x 100), after a row for the unedited model
-    (the first run's pre values), with the seconds spent editing and scoring."""
+    per prompt format (the pre values of the first run with that format), with the seconds
+    spent editing and scoring."""
     def cells(summary: RunSummary, phase: str) -> list[str]:
         values = [summary.value(phase, key) for key in COMPARED]
         return ["-" if v is None else f"{100 * v:.1f}" for v in values]
 
-    head = ["method", "edits", "cases", "efficacy", "paraphrase", "neighborhood", "Score", "fluency", "edit s", "scoring s"]
-    rows = [head, ["---"] * 3 + ["---:"] * (len(head) - 3)]
-    if summaries:
-        rows.append(["unedited", "-", str(summaries[0].num_cases), *cells(summaries[0], "pre"), "-", "-"])
+    head = [
+        "method", "edits", "prompts", "cases", "efficacy", "paraphrase", "neighborhood", "Score",
+        "gen. efficacy", "gen. paraphrase", "gen. neighborhood", "fluency", "edit s", "scoring s",
+    ]
+    rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
+    # The unedited model scores differently under each prompt format: a row for each.
+    first_of_format: dict[str, RunSummary] = {}
+    for s in summaries:
+        first_of_format.setdefault(prompt_format_of(s.params), s)
+    for fmt, first in first_of_format.items():
+        rows.append(["unedited", "-", fmt, str(first.num_cases), *cells(first, "pre"), "-", "-"])
     for s in summaries:
         config = s.params.get("config", {})
         batches = config.get("sequential_batches", 1)
         edits = f"{config.get('num_edits')}" if batches == 1 else f"{batches} x {config.get('num_edits')} sequential"
-        rows.append([str(config.get("alg")), edits, str(s.num_cases), *cells(s, "post"), f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
+        rows.append([str(config.get("alg")), edits, prompt_format_of(s.params), str(s.num_cases), *cells(s, "post"), f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

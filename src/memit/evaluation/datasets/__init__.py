@@ -1,4 +1,4 @@
-"""Evaluation data sets: CounterFact, MultiCounterFact, zsRE and the reduced MEND CounterFact.
+"""Evaluation data sets: CounterFact, MultiCounterFact, zsRE, the reduced MEND CounterFact and MQuAKE.
 
 Each data set is one :class:`DatasetSpec` (in its family's module) and one row of
 :data:`DATASETS`. Every loader validates each record and raises :class:`DatasetError` naming
@@ -15,6 +15,7 @@ from memit.errors import MissingFileError
 from memit.evaluation.datasets.base import Case, DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.cf_mend import CF_MEND, parse_cf_mend
 from memit.evaluation.datasets.counterfact import CF, MCF, CounterFactCase, parse_counterfact
+from memit.evaluation.datasets.mquake import MQUAKE, MquakeCase, parse_mquake
 from memit.evaluation.datasets.zsre import ZSRE, ZsreCase, parse_zsre
 from memit.utils.io import memit_home, read_json
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (CF, MCF, ZSRE, CF_MEND)}
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (CF, MCF, ZSRE, CF_MEND, MQUAKE)}
 DEFAULT_DATASET = "cf"
 
 
@@ -148,6 +149,8 @@ def load_cases(
 def training_examples(cases: Iterable[Any], dataset: str) -> list["TrainingExample"]:
     """MEND training examples of cases of ``dataset``."""
     spec = get_dataset(dataset)
+    if spec.training_example is None:
+        raise DatasetError(f"dataset: {dataset} has no MEND training examples; train on cf, zsre or cf-mend")
     return [spec.training_example(case) for case in cases]
 
 
@@ -158,6 +161,7 @@ __all__ = [
     "CounterFactCase",
     "DatasetError",
     "DatasetSpec",
+    "MquakeCase",
     "RemoteFile",
     "ZsreCase",
     "data_dir",
@@ -168,6 +172,7 @@ __all__ = [
     "load_cases",
     "parse_cf_mend",
     "parse_counterfact",
+    "parse_mquake",
     "parse_records",
     "parse_zsre",
     "register_dataset",

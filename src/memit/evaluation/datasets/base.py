@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from memit.editing.mend.train import TrainingExample
+    from memit.evaluation.answers import Probe
+    from memit.evaluation.prompt_format import PromptFormat
 
 
 class DatasetError(InputError):
@@ -28,17 +30,27 @@ class Case(Protocol):
     def request(self) -> EditRequest: ...
 
 
+def case_requests(case: Case) -> tuple[EditRequest, ...]:
+    """The edits a case asks for: its ``requests`` if it has several (MQuAKE), else its one ``request``."""
+    requests = getattr(case, "requests", None)
+    return tuple(requests) if requests else (case.request,)
+
+
 @dataclass(frozen=True)
 class RemoteFile:
-    """A file on the data host; ``sha256``/``size`` are None where the host gives none."""
+    """A file on the data host; ``sha256``/``size`` are None where the host gives none;
+    ``base_url`` is the folder it is in when that is not the paper's host."""
 
     name: str
     sha256: str | None = None
     size: int | None = None
+    base_url: str | None = None
 
 
 Parser = Callable[[Any, int], Any]  # (record, its index in the file) -> case
-Metric = Callable[["PreTrainedModel", "PreTrainedTokenizerBase", Any], dict]
+# (model, tokenizer, case, prompt format) -> teacher-forced metrics of the case
+Metric = Callable[["PreTrainedModel", "PreTrainedTokenizerBase", Any, "PromptFormat"], dict]
+Probes = Callable[[Any], list["Probe"]]
 
 
 @dataclass(frozen=True)
@@ -51,27 +63,33 @@ class DatasetSpec:
     ``detect_order`` places the schema in detection (None: chosen by name only, e.g. a
     schema that another data set already detects); ``has_generation`` says its cases carry
     ``generation_prompts`` (and ``relation_id``/``target_new_id``) for fluency and
-    consistency; ``labels`` override summary labels of metrics.
+    consistency; ``probes`` are the questions whose greedy answers give the
+    generation-based metrics (None: the data set has none); an ``any_groups`` group counts
+    a case as answered when any of its probes is; ``labels`` override summary labels of
+    metrics.
     """
 
     name: str
     case_type: type
     parse: Parser
     metric: Metric
-    training_example: Callable[[Any], "TrainingExample"]
     local_files: tuple[str, ...]
+    # None: the data set has no example of an unrelated prompt to train MEND on.
+    training_example: Callable[[Any], "TrainingExample"] | None = None
     remote_files: tuple[RemoteFile, ...] = ()
     detect_order: int | None = None
     has_generation: bool = False
+    probes: Probes | None = None
+    any_groups: frozenset[str] = frozenset()
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.local_files:
             raise ValueError(f"dataset {self.name}: local_files must name at least one file")
 
-    def evaluate_case(self, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", case: Any) -> dict:
-        """The case's metrics on the model as it is now (generation metrics aside)."""
-        return self.metric(model, tok, case)
+    def evaluate_case(self, model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", case: Any, fmt: "PromptFormat") -> dict:
+        """The case's teacher-forced metrics on the model as it is now."""
+        return self.metric(model, tok, case, fmt)
 
 
-__all__ = ["Case", "DatasetError", "DatasetSpec", "Metric", "Parser", "RemoteFile"]
+__all__ = ["Case", "DatasetError", "DatasetSpec", "Metric", "Parser", "Probes", "RemoteFile", "case_requests"]

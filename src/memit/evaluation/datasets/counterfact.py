@@ -3,13 +3,14 @@ and generation prompts per record."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, get_strings
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.evaluation.metrics_counterfact import counterfact_probes, evaluate_counterfact_case
 from memit.requests import EditRequest
 
 
@@ -61,6 +62,7 @@ CF = DatasetSpec(
     case_type=CounterFactCase,
     parse=parse_counterfact,
     metric=evaluate_counterfact_case,
+    probes=counterfact_probes,
     training_example=counterfact_training_example,
     local_files=("counterfact.json",),
     remote_files=(

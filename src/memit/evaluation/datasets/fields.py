@@ -2,7 +2,8 @@
 file) and the field."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memit.evaluation.datasets.base import DatasetError
 from memit.requests import EditRequest, RequestError, parse_request

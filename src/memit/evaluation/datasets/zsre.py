@@ -2,13 +2,14 @@
 unrelated Natural Questions question with its answer."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.evaluation.metrics_zsre import evaluate_zsre_case
+from memit.evaluation.metrics_zsre import evaluate_zsre_case, zsre_probes
 from memit.requests import EditRequest
 
 
@@ -21,6 +22,7 @@ class ZsreCase:
     rephrase: str
     loc: str
     loc_ans: str
+    portability: tuple[str, str] | None = None  # (question, answer) that need the new fact
 
 
 def parse_zsre(record: Any, index: int) -> ZsreCase:
@@ -40,7 +42,23 @@ def parse_zsre(record: Any, index: int) -> ZsreCase:
         rephrase=get_field(record, index, "rephrase"),
         loc=loc,
         loc_ans=loc_ans,
+        portability=_portability(record, index),
     )
+
+
+def _portability(record: Any, index: int) -> tuple[str, str] | None:
+    """EasyEdit's ``portability`` object (``New Question``, ``New Answer``), if present."""
+    if record.get("portability") is None:
+        return None
+    portability = get_field(record, index, "portability", Mapping)
+    try:
+        question = get_field(portability, index, "New Question")
+        answer = get_field(portability, index, "New Answer")
+    except DatasetError as err:
+        raise DatasetError(str(err).replace("field '", "field 'portability.")) from None
+    if not question.strip() or not answer.strip():
+        raise DatasetError(f"record {index}: field 'portability' has an empty question or answer")
+    return question, answer
 
 
 def zsre_training_example(case: ZsreCase) -> TrainingExample:
@@ -54,6 +72,7 @@ ZSRE = DatasetSpec(
     case_type=ZsreCase,
     parse=parse_zsre,
     metric=evaluate_zsre_case,
+    probes=zsre_probes,
     training_example=zsre_training_example,
     local_files=("zsre_mend_eval.json",),
     remote_files=(RemoteFile("zsre_mend_eval.json"),),

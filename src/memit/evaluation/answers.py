@@ -1,0 +1,167 @@
+"""Generation-based metrics: does the model *say* the answer when it must produce it itself?
+
+The paper's metrics are teacher-forced: they compare the probabilities of two given
+continuations. Here the model decodes greedily after a question (a :class:`Probe`), the
+answer is cut at the first newline or end of sentence, and it is judged two ways after
+normalising case, punctuation, articles and spaces (as SQuAD's exact match does):
+
+- ``exact``: the answer is one of the accepted answers;
+- ``first``: the answer starts with an accepted answer (whole words), i.e. the target is
+  the first thing said ("French, and later English" counts for "French").
+
+Per case and group: ``gen_<group>`` is the share of its probes judged ``first``,
+``gen_<group>_em`` the share judged ``exact``. A group listed as "any" (MQuAKE's three
+phrasings of one multi-hop question) counts 1 when any of its probes succeeds.
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+DEFAULT_ANSWER_TOKENS = 24
+ANSWER_BATCH = 64
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+# A sentence ends at . ! or ? (and closing quotes or brackets) followed by a space, so "3.5"
+# does not end one; nor does the dot of an initial ("U.S. Army") or of a common abbreviation.
+_SENTENCE_END = re.compile(r"(\w*)([.!?])[\"')\]]*\s")
+_ABBREVIATIONS = frozenset({"st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "inc", "co", "ltd", "corp", "vs", "no"})
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A question of ``group`` whose greedy answer should be one of ``answers``."""
+
+    group: str
+    prompt: str
+    answers: tuple[str, ...]
+
+
+@dataclass
+class JudgedAnswer:
+    group: str
+    prompt: str
+    answers: list[str]
+    generated: str
+    exact: bool
+    first: bool
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces."""
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def sentence_end(text: str) -> int | None:
+    """The index just after the punctuation that ends ``text``'s first sentence, if it ends."""
+    for match in _SENTENCE_END.finditer(text):
+        word = match.group(1)
+        if match.group(2) == "." and (len(word) == 1 and word.isalpha() or word.lower() in _ABBREVIATIONS):
+            continue
+        return match.end(2)
+    return None
+
+
+def cut_answer(text: str) -> str:
+    """``text`` up to its first newline or end of sentence."""
+    text = text.lstrip().split("\n", 1)[0]
+    end = sentence_end(text + " ")
+    return text if end is None else text[:end]
+
+
+def exact_match(generated: str, answers: Iterable[str]) -> bool:
+    said = normalize_answer(cut_answer(generated))
+    return any(said == normalize_answer(a) for a in answers)
+
+
+def first_said(generated: str, answers: Iterable[str]) -> bool:
+    said = normalize_answer(cut_answer(generated)).split()
+    for answer in answers:
+        words = normalize_answer(answer).split()
+        if words and said[: len(words)] == words:
+            return True
+    return False
+
+
+class _AnswerEnded(StoppingCriteria):
+    """Per row: the new text holds a newline or a sentence end (the answer is complete)."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, prompt_width: int):
+        self.tok = tok
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        done = [bool(t.strip()) and ("\n" in t.lstrip() or sentence_end(t.lstrip()) is not None) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+    batch_size: int = ANSWER_BATCH,
+) -> list[str]:
+    """The greedy continuation of each prompt (batched, left-padded), stopped per row at the
+    end of its answer or after ``max_new_tokens``; the prompt is not included."""
+    answers: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tok(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt").to(model.device)
+            width = batch["input_ids"].shape[1]
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                    top_p=None, top_k=None, temperature=None,
+                    stopping_criteria=StoppingCriteriaList([_AnswerEnded(tok, width)]),
+                )
+            answers.extend(tok.batch_decode(out[:, width:], skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+    return answers
+
+
+def judge(probes: Sequence[Probe], generated: Sequence[str]) -> list[JudgedAnswer]:
+    """Each probe's generated answer judged against its answers (the probe's prompt is kept
+    as the data set writes it; the case file says how it was formatted)."""
+    return [
+        JudgedAnswer(p.group, p.prompt, list(p.answers), g, exact_match(g, p.answers), first_said(g, p.answers))
+        for p, g in zip(probes, generated)
+    ]
+
+
+def answer_metrics(judged: Sequence[JudgedAnswer], any_groups: Iterable[str] = ()) -> dict:
+    """``gen_<group>`` and ``gen_<group>_em`` per group, and the judged answers."""
+    any_groups = set(any_groups)
+    out: dict = {}
+    for group in dict.fromkeys(j.group for j in judged):
+        members = [j for j in judged if j.group == group]
+        for key, attr in ((f"gen_{group}", "first"), (f"gen_{group}_em", "exact")):
+            hits = [getattr(j, attr) for j in members]
+            out[key] = float(any(hits)) if group in any_groups else sum(hits) / len(hits)
+    out["generated_answers"] = [asdict(j) for j in judged]
+    return out
+
+
+__all__ = [
+    "DEFAULT_ANSWER_TOKENS",
+    "JudgedAnswer",
+    "Probe",
+    "answer_metrics",
+    "cut_answer",
+    "exact_match",
+    "first_said",
+    "generate_answers",
+    "judge",
+    "normalize_answer",
+    "sentence_end",
+]

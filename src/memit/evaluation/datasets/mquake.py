@@ -1,0 +1,89 @@
+"""MQuAKE (Zhong et al. 2023): multi-hop questions whose answers must change as a
+consequence of one to four edited facts. A case is a chain of facts; its edits are made
+together with the other cases of the batch, and it counts as answered when any of its three
+phrasings of the multi-hop question is (MQuAKE's rule)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
+from memit.evaluation.datasets.fields import get_field, get_request, get_strings
+from memit.evaluation.metrics_mquake import MULTIHOP, evaluate_mquake_case, mquake_probes
+from memit.requests import EditRequest
+
+# The data sets' home; it publishes no checksums.
+MQUAKE_HOST = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets"
+
+
+@dataclass(frozen=True)
+class MquakeCase:
+    """A chain of facts: the edits it needs, the single-hop questions of the edited facts
+    and the multi-hop question (three phrasings) with its answers before and after."""
+
+    case_id: int | str
+    requests: tuple[EditRequest, ...]
+    edit_questions: tuple[str, ...]  # one per edit, asking for its new target
+    questions: tuple[str, ...]
+    answer: str
+    answer_aliases: tuple[str, ...]
+    new_answer: str
+    new_answer_aliases: tuple[str, ...]
+
+    @property
+    def request(self) -> EditRequest:
+        return self.requests[0]
+
+
+def parse_mquake(record: Any, index: int) -> MquakeCase:
+    """A record of ``MQuAKE-CF-3k.json`` / ``MQuAKE-CF.json`` / ``MQuAKE-T.json``."""
+    case_id = get_field(record, index, "case_id", (int, str))
+    rewrites = get_field(record, index, "requested_rewrite", list)
+    if not rewrites:
+        raise DatasetError(f"record {index}: field 'requested_rewrite' is empty")
+    requests, edit_questions = [], []
+    for j, rewrite in enumerate(rewrites):
+        where = f"requested_rewrite[{j}]"
+        if not isinstance(rewrite, Mapping):
+            raise DatasetError(f"record {index}: field '{where}' must be an object")
+        if "target_true" not in rewrite:
+            raise DatasetError(f"record {index}: missing field '{where}.target_true'")
+        requests.append(get_request({**rewrite, "case_id": case_id}, index, f"{where}."))
+        try:
+            edit_questions.append(get_field(rewrite, index, "question"))
+        except DatasetError as err:
+            raise DatasetError(str(err).replace("field '", f"field '{where}.")) from None
+    return MquakeCase(
+        case_id=case_id,
+        requests=tuple(requests),
+        edit_questions=tuple(edit_questions),
+        questions=tuple(get_strings(record, index, "questions")),
+        answer=get_field(record, index, "answer"),
+        answer_aliases=tuple(_aliases(record, index, "answer_alias")),
+        new_answer=get_field(record, index, "new_answer"),
+        new_answer_aliases=tuple(_aliases(record, index, "new_answer_alias")),
+    )
+
+
+def _aliases(record: Mapping, index: int, name: str) -> list[str]:
+    return get_strings(record, index, name, allow_empty=True) if name in record else []
+
+
+MQUAKE = DatasetSpec(
+    name="mquake",
+    case_type=MquakeCase,
+    parse=parse_mquake,
+    metric=evaluate_mquake_case,
+    probes=mquake_probes,
+    any_groups=frozenset({MULTIHOP}),
+    local_files=("MQuAKE-CF-3k.json", "MQuAKE-CF.json", "MQuAKE-T.json"),
+    remote_files=(
+        RemoteFile("MQuAKE-CF-3k.json", base_url=MQUAKE_HOST),
+        RemoteFile("MQuAKE-T.json", base_url=MQUAKE_HOST),
+    ),
+    detect_order=3,
+)
+
+
+__all__ = ["MQUAKE", "MquakeCase", "parse_mquake"]
