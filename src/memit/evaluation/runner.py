@@ -296,7 +296,7 @@ def pre_cache_dir(config: RunConfig, model: PreTrainedModel, with_generation: bo
 
     answers = config.answer_tokens if config.generated_answers else None
     key = f"{Path(config.data_file or '').resolve()}|{config.dataset}|{with_generation}|{config.generation_tokens}"
-    if config.chat_template or answers is not None:  # keeps the keys of caches written before these options
+    if config.chat_template or answers is not None:  # a run with neither reads caches written before these options
         key += f"|chat={config.chat_template}|answers={answers}"
     return Path(config.out) / ".pre_cache" / model_fingerprint(model) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
