@@ -27,6 +27,8 @@ def test_edit_reports_before_and_after_and_saves_deltas(tmp_path, default_hparam
     assert entry["post"]["target_new_prob"] > 0.3 > entry["pre"]["target_new_prob"]
     assert entry["post"]["target_true_prob"] < entry["pre"]["target_true_prob"]
     assert [t["token"] for t in entry["post"]["top_tokens"]][0] == " football"
+    assert (entry["pre"]["says_target_new"], entry["post"]["says_target_new"]) == (False, True)
+    assert f"says: {entry['post']['says']!r}" in result.output
     assert WeightDeltas.load(saved).manifest["requests"][0]["subject"] == "LeBron James"
 
     # A second edit on top of the saved one: the saved model knows both new facts.

@@ -160,3 +160,7 @@ main.add_command(_evaluation_cli.evaluate)
 main.add_command(_evaluation_cli.summarize)
 main.add_command(_evaluation_cli.scale)
 main.add_command(_evaluation_cli.download)
+
+from memit.tracing.cli import trace as _trace  # noqa: E402
+
+main.add_command(_trace)

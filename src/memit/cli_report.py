@@ -6,6 +6,7 @@ from typing import Any
 import click
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from memit.evaluation.answers import cut_answer, first_said, generate_answers
 from memit.predict import score_continuations, top_next_tokens
 from memit.requests import EditRequest
 
@@ -16,12 +17,16 @@ def describe_predictions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
     with_true = [i for i, r in enumerate(requests) if r.target_true is not None]
     true = score_continuations(model, tok, [prompts[i] for i in with_true], [requests[i].target_true for i in with_true])
     true_by_index = dict(zip(with_true, true))
+    said = generate_answers(model, tok, prompts)
     out = []
     for i, prompt in enumerate(prompts):
         entry: dict[str, Any] = {
             "prompt": prompt,
             "top_tokens": [{"token": t, "prob": p} for t, p in top_next_tokens(model, tok, prompt)],
             "target_new_prob": new[i].prob,
+            # What the model says when it must produce the answer itself (greedy, one sentence).
+            "says": cut_answer(said[i]),
+            "says_target_new": first_said(said[i], [requests[i].target_new]),
         }
         if i in true_by_index:
             entry["target_true_prob"] = true_by_index[i].prob
@@ -38,3 +43,4 @@ def print_report(requests: list[EditRequest], before: list[dict], after: list[di
             if "target_true_prob" in entry:
                 line += f" p(true)={entry['target_true_prob']:.3f}"
             click.echo(f"{line}  top: {tops}")
+            click.echo(f"  {'':6} says: {entry['says']!r}")
