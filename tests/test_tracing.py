@@ -180,3 +180,12 @@ def test_cli_trace(tiny, tmp_path):
     assert json.loads((out / "params.json").read_text())["traced_known_ids"] == [0, 1]
     bad = CliRunner().invoke(main, ["trace", "--model", str(folder), "--data-file", str(knowns), "--kinds", "mlp,nope", "--out", str(out)])
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_known_facts_batched_equal_one_at_a_time(tiny, tmp_path):
+    from memit.tracing.run import known_facts
+
+    model, tok, _ = tiny
+    knowns = load_knowns(_knowns_file(tmp_path, model, tok))
+    assert [k.known_id for k in known_facts(model, tok, knowns, batch_size=4)] == [0, 1, 2]
+    assert known_facts(model, tok, knowns, batch_size=4) == [k for k in knowns if known_facts(model, tok, [k])]

@@ -75,13 +75,27 @@ def load_knowns(path: str | os.PathLike) -> list[Known]:
     return knowns
 
 
-def predicts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, known: Known) -> bool:
-    """Whether the model's next token after the prompt starts the attribute."""
-    ids = torch.tensor([tok(known.prompt)["input_ids"]], device=model.get_input_embeddings().weight.device)
-    with torch.no_grad():
-        top = int(model(input_ids=ids).logits[0, -1].argmax())
-    said = tok.decode([top]).strip()
-    return bool(said) and known.attribute.strip().startswith(said)
+def known_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, knowns: list[Known], batch_size: int = 64) -> list[Known]:
+    """The facts whose attribute starts with the model's next-token prediction after the prompt."""
+    kept: list[Known] = []
+    side = tok.padding_side
+    tok.padding_side = "left"  # the last position is then every row's next token
+    try:
+        batches = range(0, len(knowns), batch_size)
+        for start in progress(batches, desc="known facts", unit="batches", logger=log, leave=False):
+            chunk = knowns[start : start + batch_size]
+            batch = tok([k.prompt for k in chunk], padding=True, return_tensors="pt").to(model.get_input_embeddings().weight.device)
+            # Positions count from each row's first real token, as without padding.
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                tops = model(**batch, position_ids=positions).logits[:, -1].argmax(-1).tolist()
+            for known, top in zip(chunk, tops):
+                said = tok.decode([top]).strip()
+                if said and known.attribute.strip().startswith(said):
+                    kept.append(known)
+    finally:
+        tok.padding_side = side
+    return kept
 
 
 def trace_file(out: Path, known: Known, kind: str) -> Path:
@@ -105,7 +119,7 @@ def trace_dataset(
         if stored["config"] != json.loads(json.dumps(params["config"])):  # as it reads back from JSON
             raise InputError(f"out: {out} holds traces made with other parameters ({stored['config']}); choose another folder")
     layout = ModelLayout.from_model(model)
-    chosen = [k for k in knowns if not config.known_only or predicts(model, tok, k)]
+    chosen = known_facts(model, tok, knowns) if config.known_only else knowns
     chosen = chosen[: config.limit] if config.limit is not None else chosen
     if not chosen:
         raise InputError("knowns: the model predicts none of these facts; pass known_only=False to trace them anyway")
@@ -202,7 +216,7 @@ __all__ = [
     "load_knowns",
     "load_traces",
     "position_rows",
-    "predicts",
+    "known_facts",
     "summarize_traces",
     "trace_dataset",
 ]
