@@ -11,6 +11,7 @@ from memit.errors import InputError
 from memit.evaluation.answers import (
     JudgedAnswer,
     Probe,
+    answer_head,
     answer_metrics,
     cut_answer,
     exact_match,
@@ -43,6 +44,8 @@ def test_normalisation_and_judging():
     assert not first_said(" He speaks French", ["French"])
     assert first_said(" Franklin, Kentucky", ["Lexington", "Franklin"])
     assert not first_said("", ["French"]) and not exact_match("", ["French"])
+    assert answer_head(" Europe, while the other is African.") == "europe"
+    assert answer_head(" The study of the effects of electricity on matter.") == "study of effects of electricity"
 
 
 def test_answer_metrics_by_hand():

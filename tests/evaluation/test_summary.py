@@ -62,12 +62,12 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     result = CliRunner().invoke(main, ["summarize", "--compare", str(one), str(seq), str(chat)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert "| gen. efficacy | gen. paraphrase | gen. neighborhood |" in lines[0]
+    assert "| gen. efficacy | gen. paraphrase | gen. neighborhood | gen. unchanged | gen. says new |" in lines[0]
     # An unedited row per prompt format, from the first run asked that way.
-    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | 500.0 | - | - |"
-    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - |"
-    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | 400.0 | 30 | 7 |"
-    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | 300.0 |")
+    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | 500.0 | - | - |"
+    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - |"
+    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | 400.0 | 30 | 7 |"
+    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | 300.0 |")
     assert lines[6].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
 
 
@@ -101,3 +101,25 @@ def test_scaling_plot_and_run_reuse(tmp_path):
     assert find_run(config, {"a": 1}) == run
     assert find_run(config, {"a": 2}) is None
     assert find_run(RunConfig(dataset="cf-mend", data_file="/x.json", num_edits=100, limit=100, out=str(out)), {"a": 1}) is None
+
+
+def test_neighborhood_answers_compared_with_the_unedited_model(tmp_path):
+    def answers(*said):
+        return [{"group": g, "prompt": "p", "answers": ["x"], "generated": t, "exact": False, "first": False} for g, t in said]
+
+    pre = {**_cf(0.0, 0.0, 1.0), "generated_answers": answers(
+        ("efficacy", " Paris."), ("neighborhood", " Europe, and it is big."), ("neighborhood", " jazz music"),
+        ("neighborhood", " the Beatles"))}
+    post = {**_cf(1.0, 1.0, 1.0), "generated_answers": answers(
+        ("efficacy", " Rome."), ("neighborhood", " Europe, while the rest..."), ("neighborhood", " Rome, of course"),
+        ("neighborhood", " The Beatles.\nMore"))}
+    run = _make_run(tmp_path / "run_000", 1, [(pre, post)])
+    record = json.loads((run / "case_0.json").read_text())
+    record["requested_rewrite"] = {"prompt": "{} is in", "subject": "s", "target_new": {"str": " Rome"}}
+    (run / "case_0.json").write_text(json.dumps(record))
+    s = summarize_run(run)
+    # Heads "europe" = "europe", "jazz music" != "rome", "beatles" = "beatles": 2 of 3 unchanged.
+    assert s.value("post", "gen_neighborhood_unchanged") == pytest.approx(2 / 3)
+    assert s.value("pre", "gen_neighborhood_unchanged") is None
+    # One of three neighborhood answers now starts with the new target " Rome".
+    assert s.value("post", "gen_neighborhood_new") == pytest.approx(1 / 3) and s.value("pre", "gen_neighborhood_new") == 0.0

@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 DEFAULT_ANSWER_TOKENS = 24
+HEAD_WORDS = 5
 ANSWER_BATCH = 64
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -152,8 +153,28 @@ def answer_metrics(judged: Sequence[JudgedAnswer], any_groups: Iterable[str] = (
     return out
 
 
+def answer_head(generated: str, words: int = HEAD_WORDS) -> str:
+    """What an answer says first: up to its first comma, semicolon or colon, at most ``words``
+    normalised words ("Europe, while the other..." and "Europe, and it is..." agree)."""
+    clause = re.split(r"[,;:]", cut_answer(generated), maxsplit=1)[0]
+    return " ".join(normalize_answer(clause).split()[:words])
+
+
+def unchanged_share(pre: Sequence[dict], post: Sequence[dict], group: str) -> float | None:
+    """Share of ``group``'s questions whose answer head (:func:`answer_head`) is the same
+    after the edit as before; ``pre``/``post`` are a case's ``generated_answers``. For what
+    must not change, this does not depend on the model knowing the true answer to begin with
+    (whole sentences are too fragile to compare: their tails drift with any change)."""
+    pairs = [(a, b) for a, b in zip(pre, post) if a["group"] == group and b["group"] == group]
+    if not pairs:
+        return None
+    same = [answer_head(a["generated"]) == answer_head(b["generated"]) for a, b in pairs]
+    return sum(same) / len(same)
+
+
 __all__ = [
     "DEFAULT_ANSWER_TOKENS",
+    "answer_head",
     "JudgedAnswer",
     "Probe",
     "answer_metrics",
@@ -164,4 +185,5 @@ __all__ = [
     "judge",
     "normalize_answer",
     "sentence_end",
+    "unchanged_share",
 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memit.errors import MissingFileError
+from memit.evaluation.answers import first_said, unchanged_share
 from memit.evaluation.datasets import DATASETS
 from memit.evaluation.runner import PARAMS_FILE
 from memit.utils.io import read_json
@@ -31,7 +32,9 @@ METRICS = (
 )
 # Groups of the generated-answer metrics: gen_<group> (first thing said) and gen_<group>_em.
 ANSWER_GROUPS = ("efficacy", "paraphrase", "neighborhood", "portability", "multihop")
-ANSWER_KEYS = tuple(key for g in ANSWER_GROUPS for key in (f"gen_{g}", f"gen_{g}_em"))
+ANSWER_KEYS = (
+    *(key for g in ANSWER_GROUPS for key in (f"gen_{g}", f"gen_{g}_em")), "gen_neighborhood_unchanged", "gen_neighborhood_new",
+)
 METRICS = (*METRICS, *ANSWER_KEYS, "fluency", "consistency")
 JSON_KEYS = (
     *SUCCESS_KEYS, "efficacy_acc", "paraphrase_acc", "neighborhood_acc", "portability_acc", "multihop_success",
@@ -52,6 +55,8 @@ LABELS = {
     "multihop_success": "Multi-hop success",
     **{f"gen_{g}": f"Generated {g} (first said)" for g in ANSWER_GROUPS},
     **{f"gen_{g}_em": f"Generated {g} (exact)" for g in ANSWER_GROUPS},
+    "gen_neighborhood_unchanged": "Generated neighborhood unchanged",
+    "gen_neighborhood_new": "Generated neighborhood = new target",
     "fluency": "Fluency (n-gram entropy)",
     "consistency": "Consistency (tf-idf)",
 }
@@ -119,10 +124,22 @@ def prompt_format_of(params: dict[str, Any]) -> str:
 
 
 def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in sorted(run_dir.glob("case_*.json")):
-        records.append(read_json(path, what="case file"))
-    return records
+    return [with_derived_metrics(read_json(path, what="case file")) for path in sorted(run_dir.glob("case_*.json"))]
+
+
+def with_derived_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Adds what the neighborhood answers say about the edit: the share whose head is
+    unchanged from the unedited model's (post only), and the share that start with the
+    case's new target (the edit bleeding into facts it must not touch)."""
+    pre, post = record.get("pre", {}), record.get("post", {})
+    if "generated_answers" in pre and "generated_answers" in post:
+        post["gen_neighborhood_unchanged"] = unchanged_share(pre["generated_answers"], post["generated_answers"], "neighborhood")
+    target = record.get("requested_rewrite", {}).get("target_new", {}).get("str")
+    for phase in (pre, post):
+        said = [a["generated"] for a in phase.get("generated_answers", []) if a["group"] == "neighborhood"]
+        if target and said:
+            phase["gen_neighborhood_new"] = sum(first_said(g, [target]) for g in said) / len(said)
+    return record
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
@@ -179,7 +196,10 @@ def format_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-COMPARED = ("efficacy_success", "paraphrase_success", "neighborhood_success", "score", "gen_efficacy", "gen_paraphrase", "gen_neighborhood", "fluency")
+COMPARED = (
+    "efficacy_success", "paraphrase_success", "neighborhood_success", "score",
+    "gen_efficacy", "gen_paraphrase", "gen_neighborhood", "gen_neighborhood_unchanged", "gen_neighborhood_new", "fluency",
+)
 
 
 def format_comparison(summaries: list[RunSummary]) -> str:
@@ -192,7 +212,7 @@ def format_comparison(summaries: list[RunSummary]) -> str:
 
     head = [
         "method", "edits", "prompts", "cases", "efficacy", "paraphrase", "neighborhood", "Score",
-        "gen. efficacy", "gen. paraphrase", "gen. neighborhood", "fluency", "edit s", "scoring s",
+        "gen. efficacy", "gen. paraphrase", "gen. neighborhood", "gen. unchanged", "gen. says new", "fluency", "edit s", "scoring s",
     ]
     rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
     # The unedited model scores differently under each prompt format: a row for each.
