@@ -2,7 +2,8 @@
 # Teacher-forced and generation-based metrics side by side (issue 14): 100 CounterFact and
 # 100 zsRE cases, each edited in one batch by MEMIT, AlphaEdit and ROME, scored with the
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
-# (--reuse-edits) and scored both ways; a killed run continues where it stopped.
+# (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
+# continues where it stopped.
 #   bash scripts/answer_views.sh [OUT]      (default results/answer_views)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,20 +11,25 @@ OUT=${1:-results/answer_views}
 DATA=${MEMIT_SHARED_DATA:-../shared/data}
 MEMIT=${MEMIT:-.venv/bin/memit}
 declare -A FILES=([cf]="$DATA/counterfact_subset400.json" [zsre]="$DATA/zsre_mend_eval_subset700.json")
+
+# The run of ALG in OUT/DATASET asked with the chat template or not (empty if none yet).
+run_of() {
+  local chat=$([[ $3 == chat ]] && echo true || echo false)
+  grep -l "\"chat_template\": $chat" "$OUT/$1/$2"/run_*/params.json 2>/dev/null | head -n 1 | xargs -r dirname
+}
+
 for dataset in cf zsre; do
   for alg in MEMIT AlphaEdit ROME; do
     for format in raw chat; do
-      out="$OUT/${dataset}_${format}"
       flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit 100 --num-edits 100
-             --skip-generation --reuse-edits --out "$out")
+             --skip-generation --reuse-edits --out "$OUT/$dataset")
       [[ $format == chat ]] && flags+=(--chat-template)
-      [[ -f "$out/$alg/run_000/params.json" ]] && flags+=(--continue-from-run run_000)
+      run=$(run_of "$dataset" "$alg" "$format")
+      [[ -n $run ]] && flags+=(--continue-from-run "$run")
       echo "== $dataset $alg $format: $(date -u +%H:%M:%S)"
-      "$MEMIT" evaluate "${flags[@]}" | tail -n 3
+      "$MEMIT" evaluate "${flags[@]}" | tail -n 1
     done
   done
-done
-for dataset in cf zsre; do
   echo "## $dataset"
-  "$MEMIT" summarize --compare "$OUT/${dataset}_raw"/*/run_000 "$OUT/${dataset}_chat"/*/run_000
+  "$MEMIT" summarize --compare $(for f in raw chat; do for a in MEMIT AlphaEdit ROME; do run_of "$dataset" "$a" "$f"; done; done)
 done

@@ -18,6 +18,7 @@ from memit.evaluation.answers import (
     first_said,
     generate_answers,
     judge,
+    mentions,
     normalize_answer,
     sentence_end,
 )
@@ -44,6 +45,8 @@ def test_normalisation_and_judging():
     assert not first_said(" He speaks French", ["French"])
     assert first_said(" Franklin, Kentucky", ["Lexington", "Franklin"])
     assert not first_said("", ["French"]) and not exact_match("", ["French"])
+    assert mentions("The correct answer is: Vistula is located in Antarctica.", [" Antarctica"])
+    assert not mentions(" Antarctican penguins.", ["Antarctica"]) and not mentions(" Antarctica. Also Europe", ["Europe"])
     assert answer_head(" Europe, while the other is African.") == "europe"
     assert answer_head(" The study of the effects of electricity on matter.") == "study of effects of electricity"
 
@@ -58,6 +61,7 @@ def test_answer_metrics_by_hand():
     assert (got["gen_efficacy"], got["gen_efficacy_em"]) == (1.0, 1.0)
     assert (got["gen_paraphrase"], got["gen_paraphrase_em"]) == (0.5, 0.0)
     assert (got["gen_multihop"], got["gen_multihop_em"]) == (1.0, 0.0)  # any of the phrasings
+    assert got["gen_efficacy_mention"] == 0.0  # made with mentions=False
     assert len(got["generated_answers"]) == 5
 
 

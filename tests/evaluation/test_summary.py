@@ -62,12 +62,12 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     result = CliRunner().invoke(main, ["summarize", "--compare", str(one), str(seq), str(chat)])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert "| gen. efficacy | gen. paraphrase | gen. neighborhood | gen. unchanged | gen. says new |" in lines[0]
+    assert "| gen. efficacy | (mentioned) | gen. paraphrase | (mentioned) | gen. neighborhood | gen. unchanged | gen. says new |" in lines[0]
     # An unedited row per prompt format, from the first run asked that way.
-    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | 500.0 | - | - |"
-    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - |"
-    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | 400.0 | 30 | 7 |"
-    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | 300.0 |")
+    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | - | - | 500.0 | - | - |"
+    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - | - | - |"
+    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | - | - | 400.0 | 30 | 7 |"
+    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | - | - | 300.0 |")
     assert lines[6].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
 
 
@@ -123,3 +123,6 @@ def test_neighborhood_answers_compared_with_the_unedited_model(tmp_path):
     assert s.value("pre", "gen_neighborhood_unchanged") is None
     # One of three neighborhood answers now starts with the new target " Rome".
     assert s.value("post", "gen_neighborhood_new") == pytest.approx(1 / 3) and s.value("pre", "gen_neighborhood_new") == 0.0
+    # Case files written before the "mentioned" judgement get it from their stored answers
+    # (every answer here is judged against "x", which none mentions).
+    assert s.value("post", "gen_efficacy_mention") == 0.0 and s.value("pre", "gen_neighborhood_mention") == 0.0

@@ -2,15 +2,18 @@
 
 The paper's metrics are teacher-forced: they compare the probabilities of two given
 continuations. Here the model decodes greedily after a question (a :class:`Probe`), the
-answer is cut at the first newline or end of sentence, and it is judged two ways after
+answer is cut at the first newline or end of sentence, and it is judged three ways after
 normalising case, punctuation, articles and spaces (as SQuAD's exact match does):
 
 - ``exact``: the answer is one of the accepted answers;
 - ``first``: the answer starts with an accepted answer (whole words), i.e. the target is
-  the first thing said ("French, and later English" counts for "French").
+  the first thing said ("French, and later English" counts for "French");
+- ``mentions``: an accepted answer occurs anywhere in it (whole words), as when a chat model
+  restates the question first ("Vistula is located in Antarctica").
 
 Per case and group: ``gen_<group>`` is the share of its probes judged ``first``,
-``gen_<group>_em`` the share judged ``exact``. A group listed as "any" (MQuAKE's three
+``gen_<group>_em`` the share judged ``exact``, ``gen_<group>_mention`` the share judged
+``mentions``. A group listed as "any" (MQuAKE's three
 phrasings of one multi-hop question) counts 1 when any of its probes succeeds.
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ class JudgedAnswer:
     generated: str
     exact: bool
     first: bool
+    mentions: bool = False
 
 
 def normalize_answer(text: str) -> str:
@@ -79,6 +83,11 @@ def cut_answer(text: str) -> str:
 def exact_match(generated: str, answers: Iterable[str]) -> bool:
     said = normalize_answer(cut_answer(generated))
     return any(said == normalize_answer(a) for a in answers)
+
+
+def mentions(generated: str, answers: Iterable[str]) -> bool:
+    said = f" {normalize_answer(cut_answer(generated))} "
+    return any(f" {a} " in said for a in map(normalize_answer, answers) if a)
 
 
 def first_said(generated: str, answers: Iterable[str]) -> bool:
@@ -135,7 +144,7 @@ def judge(probes: Sequence[Probe], generated: Sequence[str]) -> list[JudgedAnswe
     """Each probe's generated answer judged against its answers (the probe's prompt is kept
     as the data set writes it; the case file says how it was formatted)."""
     return [
-        JudgedAnswer(p.group, p.prompt, list(p.answers), g, exact_match(g, p.answers), first_said(g, p.answers))
+        JudgedAnswer(p.group, p.prompt, list(p.answers), g, exact_match(g, p.answers), first_said(g, p.answers), mentions(g, p.answers))
         for p, g in zip(probes, generated)
     ]
 
@@ -146,7 +155,7 @@ def answer_metrics(judged: Sequence[JudgedAnswer], any_groups: Iterable[str] = (
     out: dict = {}
     for group in dict.fromkeys(j.group for j in judged):
         members = [j for j in judged if j.group == group]
-        for key, attr in ((f"gen_{group}", "first"), (f"gen_{group}_em", "exact")):
+        for key, attr in ((f"gen_{group}", "first"), (f"gen_{group}_em", "exact"), (f"gen_{group}_mention", "mentions")):
             hits = [getattr(j, attr) for j in members]
             out[key] = float(any(hits)) if group in any_groups else sum(hits) / len(hits)
     out["generated_answers"] = [asdict(j) for j in judged]
@@ -183,6 +192,7 @@ __all__ = [
     "first_said",
     "generate_answers",
     "judge",
+    "mentions",
     "normalize_answer",
     "sentence_end",
     "unchanged_share",

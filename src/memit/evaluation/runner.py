@@ -378,7 +378,10 @@ def resolve_config(config: RunConfig) -> tuple[Path | None, RunConfig]:
     run_dir = resolve_run_dir(config.out, config.alg, config.continue_from_run)
     stored_config = _stored_params(run_dir).get("config", {})
     for key in RUN_IDENTITY:
-        if key in stored_config and stored_config[key] != getattr(config, key):
+        given = getattr(config, key)
+        if key == "data_file" and given is not None:  # stored resolved
+            given = str(Path(given).resolve())
+        if key in stored_config and stored_config[key] != given:
             log.warning("Continuing %s with its stored %s=%r (not %r)", run_dir, key, stored_config[key], getattr(config, key))
     return run_dir, dataclasses.replace(config, **{k: stored_config[k] for k in RUN_IDENTITY if k in stored_config})
 

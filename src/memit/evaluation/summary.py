@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memit.errors import MissingFileError
-from memit.evaluation.answers import first_said, unchanged_share
+from memit.evaluation.answers import JudgedAnswer, answer_metrics, first_said, mentions, unchanged_share
 from memit.evaluation.datasets import DATASETS
 from memit.evaluation.runner import PARAMS_FILE
 from memit.utils.io import read_json
@@ -33,7 +33,8 @@ METRICS = (
 # Groups of the generated-answer metrics: gen_<group> (first thing said) and gen_<group>_em.
 ANSWER_GROUPS = ("efficacy", "paraphrase", "neighborhood", "portability", "multihop")
 ANSWER_KEYS = (
-    *(key for g in ANSWER_GROUPS for key in (f"gen_{g}", f"gen_{g}_em")), "gen_neighborhood_unchanged", "gen_neighborhood_new",
+    *(key for g in ANSWER_GROUPS for key in (f"gen_{g}", f"gen_{g}_em", f"gen_{g}_mention")),
+    "gen_neighborhood_unchanged", "gen_neighborhood_new",
 )
 METRICS = (*METRICS, *ANSWER_KEYS, "fluency", "consistency")
 JSON_KEYS = (
@@ -55,6 +56,7 @@ LABELS = {
     "multihop_success": "Multi-hop success",
     **{f"gen_{g}": f"Generated {g} (first said)" for g in ANSWER_GROUPS},
     **{f"gen_{g}_em": f"Generated {g} (exact)" for g in ANSWER_GROUPS},
+    **{f"gen_{g}_mention": f"Generated {g} (mentioned)" for g in ANSWER_GROUPS},
     "gen_neighborhood_unchanged": "Generated neighborhood unchanged",
     "gen_neighborhood_new": "Generated neighborhood = new target",
     "fluency": "Fluency (n-gram entropy)",
@@ -123,15 +125,21 @@ def prompt_format_of(params: dict[str, Any]) -> str:
     return "chat" if params.get("config", {}).get("chat_template") else "raw"
 
 
-def load_case_records(run_dir: Path) -> list[dict[str, Any]]:
-    return [with_derived_metrics(read_json(path, what="case file")) for path in sorted(run_dir.glob("case_*.json"))]
+def load_case_records(run_dir: Path, any_groups: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    return [with_derived_metrics(read_json(path, what="case file"), any_groups) for path in sorted(run_dir.glob("case_*.json"))]
 
 
-def with_derived_metrics(record: dict[str, Any]) -> dict[str, Any]:
+def with_derived_metrics(record: dict[str, Any], any_groups: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Adds what the neighborhood answers say about the edit: the share whose head is
     unchanged from the unedited model's (post only), and the share that start with the
-    case's new target (the edit bleeding into facts it must not touch)."""
+    case's new target (the edit bleeding into facts it must not touch); and the
+    ``gen_<group>_mention`` shares for case files written before they were."""
     pre, post = record.get("pre", {}), record.get("post", {})
+    for phase in (pre, post):
+        judged = phase.get("generated_answers")
+        if judged and not any(key.endswith("_mention") for key in phase):
+            rejudged = [JudgedAnswer(**{**j, "mentions": mentions(j["generated"], j["answers"])}) for j in judged]
+            phase.update({k: v for k, v in answer_metrics(rejudged, any_groups).items() if k.endswith("_mention")})
     if "generated_answers" in pre and "generated_answers" in post:
         post["gen_neighborhood_unchanged"] = unchanged_share(pre["generated_answers"], post["generated_answers"], "neighborhood")
     target = record.get("requested_rewrite", {}).get("target_new", {}).get("str")
@@ -146,8 +154,10 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     run_dir = Path(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
         raise MissingFileError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")
-    records = load_case_records(run_dir)
-    summary = RunSummary(run_dir, read_json(run_dir / PARAMS_FILE, what="run parameters"), len(records))
+    params = read_json(run_dir / PARAMS_FILE, what="run parameters")
+    spec = DATASETS.get(params.get("config", {}).get("dataset") or "")
+    records = load_case_records(run_dir, spec.any_groups if spec is not None else frozenset())
+    summary = RunSummary(run_dir, params, len(records))
     for phase in ("pre", "post"):
         summary.stats[phase] = {}
         for key in METRICS:
@@ -198,7 +208,8 @@ def format_table(summary: RunSummary) -> str:
 
 COMPARED = (
     "efficacy_success", "paraphrase_success", "neighborhood_success", "score",
-    "gen_efficacy", "gen_paraphrase", "gen_neighborhood", "gen_neighborhood_unchanged", "gen_neighborhood_new", "fluency",
+    "gen_efficacy", "gen_efficacy_mention", "gen_paraphrase", "gen_paraphrase_mention", "gen_neighborhood",
+    "gen_neighborhood_unchanged", "gen_neighborhood_new", "fluency",
 )
 
 
@@ -212,7 +223,8 @@ def format_comparison(summaries: list[RunSummary]) -> str:
 
     head = [
         "method", "edits", "prompts", "cases", "efficacy", "paraphrase", "neighborhood", "Score",
-        "gen. efficacy", "gen. paraphrase", "gen. neighborhood", "gen. unchanged", "gen. says new", "fluency", "edit s", "scoring s",
+        "gen. efficacy", "(mentioned)", "gen. paraphrase", "(mentioned)", "gen. neighborhood", "gen. unchanged", "gen. says new",
+        "fluency", "edit s", "scoring s",
     ]
     rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
     # The unedited model scores differently under each prompt format: a row for each.
