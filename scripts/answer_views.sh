@@ -15,7 +15,7 @@ declare -A FILES=([cf]="$DATA/counterfact_subset400.json" [zsre]="$DATA/zsre_men
 # The run of ALG in OUT/DATASET asked with the chat template or not (empty if none yet).
 run_of() {
   local chat=$([[ $3 == chat ]] && echo true || echo false)
-  grep -l "\"chat_template\": $chat" "$OUT/$1/$2"/run_*/params.json 2>/dev/null | head -n 1 | xargs -r dirname
+  { grep -l "\"chat_template\": $chat" "$OUT/$1/$2"/run_*/params.json 2>/dev/null || true; } | head -n 1 | xargs -r dirname
 }
 
 for dataset in cf zsre; do
