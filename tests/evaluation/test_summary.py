@@ -80,6 +80,10 @@ def test_summarize_json_for_zsre_has_null_success(tmp_path):
     assert obj["efficacy_acc"] == {"pre": 0.5, "post": 1.0}
     assert obj["efficacy_success"] == {"pre": None, "post": None} and obj["score"] == {"pre": None, "post": None}
     assert obj["num_cases"] == {"pre": 1, "post": 1}
+    # Compared without success rates: the accuracies (and portability) instead.
+    lines = CliRunner().invoke(main, ["summarize", "--compare", str(run)]).output.strip().splitlines()
+    assert lines[0].startswith("| method | edits | prompts | cases | efficacy acc | paraphrase acc | neighborhood acc | portability acc |")
+    assert lines[3].startswith("| MEMIT | 1 | raw | 1 | 100.0 | 25.0 | 100.0 | - |")
     bad = CliRunner().invoke(main, ["summarize", str(tmp_path)])
     assert bad.exit_code != 0 and "params.json" in bad.output
 

@@ -206,26 +206,40 @@ def format_table(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
-COMPARED = (
-    "efficacy_success", "paraphrase_success", "neighborhood_success", "score",
-    "gen_efficacy", "gen_efficacy_mention", "gen_paraphrase", "gen_paraphrase_mention", "gen_neighborhood",
-    "gen_neighborhood_unchanged", "gen_neighborhood_new", "fluency",
+# (column, metric) of the comparison table; data sets without success rates (zsRE) show
+# accuracies and, where they have it, portability.
+_GENERATED_COLUMNS = (
+    ("gen. efficacy", "gen_efficacy"), ("(mentioned)", "gen_efficacy_mention"),
+    ("gen. paraphrase", "gen_paraphrase"), ("(mentioned)", "gen_paraphrase_mention"), ("gen. neighborhood", "gen_neighborhood"),
 )
+_NEIGHBORHOOD_COLUMNS = (("gen. unchanged", "gen_neighborhood_unchanged"), ("gen. says new", "gen_neighborhood_new"))
+SUCCESS_COLUMNS = (
+    ("efficacy", "efficacy_success"), ("paraphrase", "paraphrase_success"), ("neighborhood", "neighborhood_success"),
+    ("Score", "score"), *_GENERATED_COLUMNS, *_NEIGHBORHOOD_COLUMNS, ("fluency", "fluency"),
+)
+ACCURACY_COLUMNS = (
+    ("efficacy acc", "efficacy_acc"), ("paraphrase acc", "paraphrase_acc"), ("neighborhood acc", "neighborhood_acc"),
+    ("portability acc", "portability_acc"), *_GENERATED_COLUMNS, ("gen. portability", "gen_portability"),
+    ("(mentioned)", "gen_portability_mention"), *_NEIGHBORHOOD_COLUMNS,
+)
+
+
+def comparison_columns(summaries: list[RunSummary]) -> tuple[tuple[str, str], ...]:
+    has_success = any(s.value(phase, "efficacy_success") is not None for s in summaries for phase in ("pre", "post"))
+    return SUCCESS_COLUMNS if has_success or not summaries else ACCURACY_COLUMNS
 
 
 def format_comparison(summaries: list[RunSummary]) -> str:
     """One Markdown row per run (post-edit means x 100), after a row for the unedited model
     per prompt format (the pre values of the first run with that format), with the seconds
     spent editing and scoring."""
+    columns = comparison_columns(summaries)
+
     def cells(summary: RunSummary, phase: str) -> list[str]:
-        values = [summary.value(phase, key) for key in COMPARED]
+        values = [summary.value(phase, key) for _, key in columns]
         return ["-" if v is None else f"{100 * v:.1f}" for v in values]
 
-    head = [
-        "method", "edits", "prompts", "cases", "efficacy", "paraphrase", "neighborhood", "Score",
-        "gen. efficacy", "(mentioned)", "gen. paraphrase", "(mentioned)", "gen. neighborhood", "gen. unchanged", "gen. says new",
-        "fluency", "edit s", "scoring s",
-    ]
+    head = ["method", "edits", "prompts", "cases", *(label for label, _ in columns), "edit s", "scoring s"]
     rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
     # The unedited model scores differently under each prompt format: a row for each.
     first_of_format: dict[str, RunSummary] = {}
