@@ -104,6 +104,11 @@ def test_nothing_restored_gives_the_corrupted_probability_by_hand(tiny):
     # Batched restorations equal one restoration at a time.
     small = trace_prompt(model, tok, layout, PROMPT, SUBJECT, "hidden", noise, samples=4, seed=3, max_rows=4)
     assert torch.allclose(torch.tensor(small.scores), torch.tensor(trace.scores), atol=1e-6)
+    # Replaying the layers below each restored window equals computing them.
+    for kind in ("hidden", "mlp"):
+        fast = trace_prompt(model, tok, layout, PROMPT, SUBJECT, kind, noise, samples=4, seed=3, window=2)
+        full = trace_prompt(model, tok, layout, PROMPT, SUBJECT, kind, noise, samples=4, seed=3, window=2, replay_lower_layers=False)
+        assert torch.allclose(torch.tensor(fast.scores), torch.tensor(full.scores), atol=1e-5), kind
     with pytest.raises(Exception, match="kind"):
         trace_prompt(model, tok, layout, PROMPT, SUBJECT, "embedding", noise)
 

@@ -11,7 +11,9 @@ the answer measures how much that state alone carries the fact. States are:
 
 As in the paper's code, the same noise samples (one seed per prompt) are used for every
 restoration, so the scores differ only in what is restored. All restorations of one layer
-(every token times every noise sample) run as one batch.
+(every token times every noise sample) run as one batch, and the layers below the restored
+window, which compute the same corrupted states for every restoration, are replayed from one
+corrupted pass instead of computed again.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.errors import InputError
 from memit.models.layout import ModelLayout
-from memit.utils.hooks import first_tensor, run_and_capture, with_first_tensor
+from memit.utils.hooks import first_tensor, run_and_capture, skip_layers_below, with_first_tensor
 
 KINDS = ("hidden", "mlp", "attn")
 NOISE_MULTIPLIER = 3.0  # times the standard deviation of the subjects' embeddings (the paper's)
@@ -143,6 +145,30 @@ def restoring(model: nn.Module, clean: dict[str, torch.Tensor], plan: dict[str, 
             handle.remove()
 
 
+def _corrupted_layer_outputs(model: PreTrainedModel, layout: ModelLayout, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """Every decoder layer's output in the corrupted run, and whether layers return tuples."""
+    names = [layout.layer_name(i) for i in range(layout.num_layers)]
+    kinds: list[bool] = []
+    hook = layout.layer(model, 0).register_forward_hook(lambda mod, args, out: kinds.append(isinstance(out, tuple)))
+    try:
+        with torch.no_grad():
+            _, outputs = run_and_capture(model, {"input_ids": input_ids}, outputs_of=names)
+    finally:
+        hook.remove()
+    return [outputs[name].detach() for name in names], kinds[0]
+
+
+@contextlib.contextmanager
+def _replayed(model: nn.Module, layout: ModelLayout, below: int, source: torch.Tensor | None, tuple_output: bool) -> Iterator[None]:
+    """Layers ``0..below`` output ``source`` without being computed (nothing when ``below`` < 0)."""
+    if below < 0 or source is None:
+        yield
+        return
+    layers = model.get_submodule(layout.layer_tmp.removesuffix(".{}"))
+    with skip_layers_below(layers, below, lambda: source, tuple_output):
+        yield
+
+
 def answer_probs(model: PreTrainedModel, input_ids: torch.Tensor, answer_id: int) -> torch.Tensor:
     """p(answer) after the last token, per row."""
     with torch.no_grad():
@@ -163,6 +189,7 @@ def trace_prompt(
     seed: int = 0,
     answer_id: int | None = None,
     max_rows: int = 512,
+    replay_lower_layers: bool = True,
 ) -> Trace:
     """The trace of one prompt: scores for every (token, layer), with the clean and corrupted
     probabilities of the answer (the model's own prediction unless ``answer_id`` is given)."""
@@ -184,13 +211,17 @@ def trace_prompt(
     scores = torch.zeros(n_tokens, layout.num_layers)
     with corrupted_subject(model, span, sample_noise):
         low = float(answer_probs(model, ids.repeat(samples, 1), answer_id).mean())
+        corrupted, tuple_output = _corrupted_layer_outputs(model, layout, ids.repeat(samples, 1))
         tokens_per_pass = max(1, max_rows // samples)
         for layer in range(layout.num_layers):
-            window_names = [names[i] for i in restored_layers(kind, layer, window, layout.num_layers)]
+            restored = restored_layers(kind, layer, window, layout.num_layers)
+            window_names = [names[i] for i in restored]
             for first in range(0, n_tokens, tokens_per_pass):
                 chunk = list(range(first, min(n_tokens, first + tokens_per_pass)))
                 pairs = [(row, t) for row, t in enumerate(t for t in chunk for _ in range(samples))]
-                with restoring(model, clean, {name: pairs for name in window_names}):
+                below = restored[0] - 1 if replay_lower_layers else -1
+                source = corrupted[below].repeat(len(chunk), 1, 1) if below >= 0 else None
+                with restoring(model, clean, {name: pairs for name in window_names}), _replayed(model, layout, below, source, tuple_output):
                     probs = answer_probs(model, ids.repeat(len(chunk) * samples, 1), answer_id)
                 scores[chunk, layer] = probs.view(len(chunk), samples).mean(1).cpu()
     return Trace(
