@@ -143,6 +143,7 @@ def test_dataset_traces_resume_average_and_plot(tiny, tmp_path):
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items() if f != files[0]) and files[0].is_file()
     with pytest.raises(Exception, match="other parameters"):
         trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden",), samples=3))
+    trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden", "mlp"), samples=3, window=2, limit=1))  # fewer facts: fine
 
     averages = summarize_traces(out, kinds=("hidden", "mlp"), plots=1)
     hidden = averages["hidden"]

@@ -116,7 +116,9 @@ def trace_dataset(
     params = {"config": dataclasses.asdict(config), "model": getattr(model.config, "_name_or_path", "")}
     if (out / PARAMS_FILE).is_file():
         stored = read_json(out / PARAMS_FILE, what="trace parameters")
-        if stored["config"] != json.loads(json.dumps(params["config"])):  # as it reads back from JSON
+        # A continued folder may trace more or fewer facts, but each trace the same way.
+        same = {k: v for k, v in json.loads(json.dumps(params["config"])).items() if k != "limit"}
+        if {k: v for k, v in stored["config"].items() if k != "limit"} != same:
             raise InputError(f"out: {out} holds traces made with other parameters ({stored['config']}); choose another folder")
     layout = ModelLayout.from_model(model)
     chosen = known_facts(model, tok, knowns) if config.known_only else knowns
@@ -128,7 +130,7 @@ def trace_dataset(
     params["traced_known_ids"] = [k.known_id for k in chosen]
     write_json(out / PARAMS_FILE, params)
     todo = [(k, kind) for k in chosen for kind in config.kinds if not trace_file(out, k, kind).is_file()]
-    log.info("%s: %d of %d facts known; %d traces to compute", out, len(chosen), len(knowns), len(todo))
+    log.info("%s: tracing %d of %d facts; %d traces to compute", out, len(chosen), len(knowns), len(todo))
     for known, kind in progress(todo, desc="causal traces", unit="traces", logger=log):
         trace = trace_prompt(model, tok, layout, known.prompt, known.subject, kind, params["noise"],
                              config.samples, config.window, seed=config.seed)
