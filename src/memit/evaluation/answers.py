@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
+
+from memit.evaluation.generation import greedy_continuations
 
 DEFAULT_ANSWER_TOKENS = 24
 HEAD_WORDS = 5
@@ -121,23 +123,7 @@ def generate_answers(
 ) -> list[str]:
     """The greedy continuation of each prompt (batched, left-padded), stopped per row at the
     end of its answer or after ``max_new_tokens``; the prompt is not included."""
-    answers: list[str] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tok(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt").to(model.device)
-            width = batch["input_ids"].shape[1]
-            with torch.no_grad():
-                out = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                    top_p=None, top_k=None, temperature=None,
-                    stopping_criteria=StoppingCriteriaList([_AnswerEnded(tok, width)]),
-                )
-            answers.extend(tok.batch_decode(out[:, width:], skip_special_tokens=True))
-    finally:
-        tok.padding_side = side
-    return answers
+    return greedy_continuations(model, tok, prompts, max_new_tokens, batch_size, stop=lambda width: _AnswerEnded(tok, width))
 
 
 def judge(probes: Sequence[Probe], generated: Sequence[str]) -> list[JudgedAnswer]:

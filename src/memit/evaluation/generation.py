@@ -21,13 +21,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from memit.errors import InputError
 from memit.stats.corpus import Corpus
@@ -66,6 +66,35 @@ def fluency(texts: list[str]) -> float:
     return float(np.mean([text_fluency(t) for t in texts]))
 
 
+def greedy_continuations(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Callable[[int], StoppingCriteria] | None = None,
+) -> list[str]:
+    """The greedy continuation of each prompt, without the prompt (batched, left-padded);
+    ``stop(prompt_width)`` gives a batch its per-row stopping criterion."""
+    texts: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tok(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt").to(model.device)
+            width = batch["input_ids"].shape[1]
+            criteria = StoppingCriteriaList([stop(width)]) if stop is not None else None
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                    top_p=None, top_k=None, temperature=None, stopping_criteria=criteria,
+                )
+            texts.extend(tok.batch_decode(out[:, width:], skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+    return texts
+
+
 def generate_greedy(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -74,24 +103,7 @@ def generate_greedy(
     batch_size: int = 16,
 ) -> list[str]:
     """Prompt plus greedy continuation for each prompt (batched, left-padded)."""
-    texts: list[str] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            batch = tok(chunk, padding=True, return_tensors="pt").to(model.device)
-            with torch.no_grad():
-                out = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                    top_p=None, top_k=None, temperature=None,
-                )
-            width = batch["input_ids"].shape[1]
-            for prompt, row in zip(chunk, out):
-                texts.append(prompt + tok.decode(row[width:], skip_special_tokens=True))
-    finally:
-        tok.padding_side = side
-    return texts
+    return [p + c for p, c in zip(prompts, greedy_continuations(model, tok, prompts, max_new_tokens, batch_size))]
 
 
 # --- consistency ------------------------------------------------------------------------
@@ -167,6 +179,7 @@ __all__ = [
     "consistency",
     "fluency",
     "generate_greedy",
+    "greedy_continuations",
     "load_snippets",
     "load_tfidf",
     "local_tfidf",

@@ -99,6 +99,11 @@ class RunConfig:
     out: str = "results"
     continue_from_run: str | None = None
 
+    @property
+    def answer_limit(self) -> int | None:
+        """Tokens per generated answer; None when generated answers are off."""
+        return self.answer_tokens if self.generated_answers else None
+
     def __post_init__(self) -> None:
         if self.num_edits < 1:
             raise RunError(f"num_edits: must be at least 1, got {self.num_edits}")
@@ -294,10 +299,9 @@ def pre_cache_dir(config: RunConfig, model: PreTrainedModel, with_generation: bo
     (the model must be unedited when a run starts; runs restore it after every group)."""
     from memit.models.loading import model_fingerprint
 
-    answers = config.answer_tokens if config.generated_answers else None
     key = f"{Path(config.data_file or '').resolve()}|{config.dataset}|{with_generation}|{config.generation_tokens}"
-    if config.chat_template or answers is not None:  # a run with neither reads caches written before these options
-        key += f"|chat={config.chat_template}|answers={answers}"
+    if config.chat_template or config.answer_limit is not None:  # a run with neither reads caches written before these options
+        key += f"|chat={config.chat_template}|answers={config.answer_limit}"
     return Path(config.out) / ".pre_cache" / model_fingerprint(model) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -431,7 +435,7 @@ def run_evaluation(
     scoring = Scoring(
         fmt=prompt_format(tok, config.chat_template),
         generation_tokens=config.generation_tokens,
-        answer_tokens=config.answer_tokens if config.generated_answers else None,
+        answer_tokens=config.answer_limit,
     )
     if not config.skip_generation and any(_has_generation(c, spec) for c in cases):
         scoring.generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
