@@ -19,6 +19,8 @@ class PromptFormat:
 
     name: str = RAW_NAME
     tok: PreTrainedTokenizerBase | None = field(default=None, compare=False, repr=False)
+    # A BOS the template writes and scoring's tokenizer adds again, to drop from the text.
+    duplicate_bos: str = ""
 
     @property
     def is_chat(self) -> bool:
@@ -28,12 +30,7 @@ class PromptFormat:
         if not self.is_chat:
             return text
         rendered = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        # Scoring tokenizes the text again with special tokens on; a BOS written by the
-        # template would then appear twice.
-        bos = self.tok.bos_token
-        if bos and rendered.startswith(bos) and _adds_bos(self.tok):
-            rendered = rendered[len(bos) :]
-        return rendered
+        return rendered.removeprefix(self.duplicate_bos) if self.duplicate_bos else rendered
 
     def continuation(self, target: str) -> str:
         """A target continues a raw prompt after a space; an assistant turn starts without one."""
@@ -49,12 +46,11 @@ def prompt_format(tok: PreTrainedTokenizerBase, chat_template: bool) -> PromptFo
         return RAW
     if not getattr(tok, "chat_template", None):
         raise InputError("chat_template: this model's tokenizer has no chat template; evaluate raw prompts instead")
-    return PromptFormat(CHAT_NAME, tok)
-
-
-def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+    # Scoring tokenizes the text again with special tokens on; a BOS written by the template
+    # would then appear twice.
     ids = tok("a")["input_ids"]
-    return bool(ids) and ids[0] == tok.bos_token_id
+    adds_bos = bool(ids) and tok.bos_token is not None and ids[0] == tok.bos_token_id
+    return PromptFormat(CHAT_NAME, tok, tok.bos_token if adds_bos else "")
 
 
 __all__ = ["CHAT_NAME", "RAW", "RAW_NAME", "PromptFormat", "prompt_format"]
