@@ -145,17 +145,30 @@ def restoring(model: nn.Module, clean: dict[str, torch.Tensor], plan: dict[str, 
             handle.remove()
 
 
-def _corrupted_layer_outputs(model: PreTrainedModel, layout: ModelLayout, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
-    """Every decoder layer's output in the corrupted run, and whether layers return tuples."""
+def _head_name(model: nn.Module) -> str:
+    head = model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _outputs_and_logits(model: PreTrainedModel, input_ids: torch.Tensor, names: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The outputs of ``names`` and the last position's logits, from one pass."""
+    head = _head_name(model)
+    with torch.no_grad():
+        _, outputs = run_and_capture(model, {"input_ids": input_ids}, outputs_of=[*names, head])
+    return {name: outputs[name].detach() for name in names}, outputs[head][:, -1].float()
+
+
+def _corrupted_layer_outputs(model: PreTrainedModel, layout: ModelLayout, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], bool, torch.Tensor]:
+    """Every decoder layer's output in the corrupted run, whether layers return tuples, and
+    the last position's logits."""
     names = [layout.layer_name(i) for i in range(layout.num_layers)]
     kinds: list[bool] = []
     hook = layout.layer(model, 0).register_forward_hook(lambda mod, args, out: kinds.append(isinstance(out, tuple)))
     try:
-        with torch.no_grad():
-            _, outputs = run_and_capture(model, {"input_ids": input_ids}, outputs_of=names)
+        outputs, logits = _outputs_and_logits(model, input_ids, names)
     finally:
         hook.remove()
-    return [outputs[name].detach() for name in names], kinds[0]
+    return [outputs[name] for name in names], kinds[0], logits
 
 
 @contextlib.contextmanager
@@ -197,10 +210,9 @@ def trace_prompt(
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([tok(prompt)["input_ids"]], device=device)
     span = subject_range(tok, prompt, subject)
-    _, clean_states = run_and_capture(model, {"input_ids": ids}, outputs_of=names)
-    clean = {name: state[0].detach() for name, state in clean_states.items()}
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -1].float()
+    clean_states, clean_logits = _outputs_and_logits(model, ids, names)
+    clean = {name: state[0] for name, state in clean_states.items()}
+    logits = clean_logits[0]
     answer_id = int(logits.argmax()) if answer_id is None else answer_id
     high = float(torch.softmax(logits, -1)[answer_id])
 
@@ -210,8 +222,8 @@ def trace_prompt(
     n_tokens = ids.shape[1]
     scores = torch.zeros(n_tokens, layout.num_layers)
     with corrupted_subject(model, span, sample_noise):
-        low = float(answer_probs(model, ids.repeat(samples, 1), answer_id).mean())
-        corrupted, tuple_output = _corrupted_layer_outputs(model, layout, ids.repeat(samples, 1))
+        corrupted, tuple_output, corrupted_logits = _corrupted_layer_outputs(model, layout, ids.repeat(samples, 1))
+        low = float(torch.softmax(corrupted_logits, dim=-1)[:, answer_id].mean())
         tokens_per_pass = max(1, max_rows // samples)
         for layer in range(layout.num_layers):
             restored = restored_layers(kind, layer, window, layout.num_layers)
