@@ -114,3 +114,22 @@ def test_an_edit_keeps_copies_of_the_edited_matrices_only(default_model, default
         assert not deltas.state
     finally:
         deltas.revert(model)
+
+
+def test_one_pass_gives_the_statistics_of_several_corpus_sizes(default_model, tmp_path):
+    from memit.stats import SecondMomentCache
+
+    model, tok = default_model
+    layout = ModelLayout.from_model(model)
+    corpus = load_corpus("wikipedia-sample")
+    cache = SecondMomentCache(tmp_path)
+    cache.ensure(model, tok, layout, [3, 6], corpus, [6, 12], max_tokens=64)
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert len(files) == 4 and sum("_n6_" in f for f in files) == 2
+    for n in (6, 12):
+        alone, _ = collect_second_moments(model, tok, layout, [3, 6], corpus.texts(), n, 64)
+        cached = cache.get(model, tok, layout, [3, 6], corpus, n, max_tokens=64)
+        for layer in (3, 6):
+            torch.testing.assert_close(cached[layer].double(), alone[layer], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(cache.get(model, tok, layout, [3], corpus, 6, max_tokens=64)[3],
+                              cache.get(model, tok, layout, [3], corpus, 12, max_tokens=64)[3])

@@ -1,10 +1,11 @@
 """The uncentered second moment E[k kᵀ] of MLP keys over corpus tokens, cached on disk."""
 from __future__ import annotations
 
+import functools
 import logging
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,6 +46,9 @@ STATS_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": 
 # x ~8 B a token (32 x 2048 x 8 B = 0.5 MB for 2,048-token samples): lower the budget there.
 DEFAULT_BATCH_TOKENS = 8192
 
+# Given the float64 running sums per layer and the token count so far.
+Snapshot = Callable[[dict[int, torch.Tensor], int], None]
+
 
 def check_batch_tokens(max_tokens: int, batch_tokens: int) -> None:
     """A statistics batch holds whole samples: one sample may not exceed the token budget."""
@@ -84,19 +88,30 @@ def collect_second_moments(
     max_tokens: int,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     autocast: bool = False,
+    snapshots: Mapping[int, Snapshot] | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Second moments of the MLP-output-projection inputs at ``layers`` (float64), from one
     forward pass per batch that stops after the last layer needed; and the token count.
 
     A batch holds at most ``batch_tokens`` tokens, padding included; the budget changes only
     how samples are grouped, never the statistics. A sample may not be longer than the budget
-    (``max_tokens > batch_tokens`` is rejected before any work)."""
+    (``max_tokens > batch_tokens`` is rejected before any work).
+
+    ``snapshots``: sample count -> a function given the running sums and token count once the
+    first that many samples are counted (a batch never straddles a snapshot), so that one
+    pass yields the statistics of several corpus sizes."""
     check_batch_tokens(max_tokens, batch_tokens)
     names = {layer: layout.mlp_out_name(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     count = 0
+    snapshots = {n: f for n, f in (snapshots or {}).items() if n < n_samples}
     bar = progress(total=n_samples, desc="key statistics", unit="samples", logger=log)
-    for batch in _token_batches(tok, islice(texts, n_samples), max_tokens, batch_tokens):
+    for batch in _segmented_batches(tok, iter(texts), [*sorted(snapshots), n_samples], max_tokens, batch_tokens):
+        if isinstance(batch, int):
+            if count == 0:
+                raise InputError("mom2_dataset: the corpus yielded no tokens")
+            snapshots[batch](sums, count)
+            continue
         batch = {k: v.to(model.device) for k, v in batch.items()}
         mask = batch["attention_mask"].bool()
         with torch.no_grad(), bf16_autocast(autocast, model.device):
@@ -154,6 +169,19 @@ def _tokenize_prefix(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -
     return tok(text, truncation=True, max_length=max_tokens)["input_ids"]
 
 
+def _segmented_batches(
+    tok: PreTrainedTokenizerBase, texts: Iterator[str], ends: list[int], max_tokens: int, batch_tokens: int
+) -> Iterator[dict[str, torch.Tensor] | int]:
+    """The batches of the first ``ends[-1]`` texts, yielding each earlier end (a sample count)
+    once the batches before it are out; no batch straddles an end."""
+    start = 0
+    for end in ends:
+        yield from _token_batches(tok, islice(texts, end - start), max_tokens, batch_tokens)
+        if end != ends[-1]:
+            yield end
+        start = end
+
+
 def _token_batches(
     tok: PreTrainedTokenizerBase, texts: Iterable[str], max_tokens: int, batch_tokens: int
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -199,25 +227,54 @@ class SecondMomentCache:
     ) -> dict[int, torch.Tensor]:
         """``batch_tokens``: tokens per forward pass (default :data:`DEFAULT_BATCH_TOKENS`); it
         changes only the memory used, not the statistics, and is not part of the cache key."""
-        max_tokens = max_tokens or _context_length(model, tok)
-        batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
-        folder = self.root / model_fingerprint(model) / corpus.identity
-        paths = {
-            layer: folder / f"{layout.mlp_out_name(layer)}_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
-            for layer in layers
-        }
-        missing = [layer for layer, path in paths.items() if not path.is_file()]
-        if missing:
-            log.info("Computing key statistics for layers %s over %s (%d samples)", missing, corpus.identity, n_samples)
-            moments, count = collect_second_moments(
-                model, tok, layout, missing, corpus.texts(), n_samples, max_tokens, batch_tokens, autocast=autocast
-            )
-            for layer in missing:
-                moment = moments.pop(layer)  # each float64 sum freed once saved
-                with atomic_path(paths[layer]) as tmp:
-                    save_file({"mom2": moment.to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
-                del moment
+        self.ensure(model, tok, layout, layers, corpus, [n_samples], max_tokens, dtype, autocast, batch_tokens)
+        paths = self._paths(model, tok, layout, layers, corpus, n_samples, max_tokens, dtype, autocast)
         return {layer: load_file(str(path))["mom2"] for layer, path in paths.items()}
+
+    def ensure(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        layers: list[int],
+        corpus: Corpus,
+        sizes: list[int],
+        max_tokens: int | None = None,
+        dtype: str = "float32",
+        autocast: bool = False,
+        batch_tokens: int | None = None,
+    ) -> None:
+        """Compute and save whatever is missing of the statistics over the first ``n`` samples
+        for every ``n`` in ``sizes``, in one pass over the largest."""
+        paths = {n: self._paths(model, tok, layout, layers, corpus, n, max_tokens, dtype, autocast) for n in sizes}
+        missing = sorted({layer for n in sizes for layer, path in paths[n].items() if not path.is_file()})
+        if not missing:
+            return
+        largest = max(n for n in sizes if any(not p.is_file() for p in paths[n].values()))
+
+        def save(n: int, sums: dict[int, torch.Tensor], count: int, divide: bool = True) -> None:
+            for layer in missing:
+                if not paths[n][layer].is_file():
+                    moment = sums[layer] / count if divide else sums[layer]
+                    with atomic_path(paths[n][layer]) as tmp:
+                        save_file({"mom2": moment.to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
+
+        log.info("Computing key statistics for layers %s over %s (%s samples)", missing, corpus.identity, sorted(sizes))
+        snapshots = {n: functools.partial(save, n) for n in sizes if n < largest}
+        moments, count = collect_second_moments(
+            model, tok, layout, missing, corpus.texts(), largest, max_tokens or _context_length(model, tok),
+            batch_tokens or DEFAULT_BATCH_TOKENS, autocast=autocast, snapshots=snapshots,
+        )
+        save(largest, moments, count, divide=False)
+
+    def _paths(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, layers: list[int], corpus: Corpus,
+        n_samples: int, max_tokens: int | None, dtype: str, autocast: bool,
+    ) -> dict[int, Path]:
+        max_tokens = max_tokens or _context_length(model, tok)
+        folder = self.root / model_fingerprint(model) / corpus.identity
+        suffix = f"_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
+        return {layer: folder / f"{layout.mlp_out_name(layer)}{suffix}" for layer in layers}
 
 
 def _context_length(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> int:
