@@ -35,3 +35,38 @@ def test_local_folder_loads(tmp_path, default_model):
     loaded, tok = load_model(str(tmp_path))
     assert torch.equal(loaded.model.layers[1].mlp.down_proj.weight, tiny.model.layers[1].mlp.down_proj.weight)
     assert model_fingerprint(loaded) == model_fingerprint(tiny) != model_fingerprint(default_model[0])
+
+
+def test_a_gguf_split_across_packages_is_assembled_checked_and_loaded(default_model, tmp_path, monkeypatch):
+    """The form of the Qwen extra (a GGUF in chunks, one per PyPI package), here with the default
+    model's GGUF cut in two."""
+    import dataclasses
+    import hashlib
+
+    import pytest
+
+    from memit.errors import InputError
+    from memit.models.packaged import PACKAGED_MODELS, PackagedGGUF, assemble_gguf
+
+    data = _packaged_default_gguf().read_bytes()
+    for i, chunk in enumerate((data[: len(data) // 2], data[len(data) // 2 :]), 1):
+        package = tmp_path / "site" / f"memit_test_chunk{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"part0{i}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("MEMIT_HOME", str(tmp_path / "home"))
+    spec = PackagedGGUF("chunked-smollm2", tuple((f"memit_test_chunk{i}", f"data/part0{i}.bin") for i in (1, 2)),
+                        install="pip install memit-test-chunks", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(PACKAGED_MODELS, spec.name, spec)
+
+    model, _ = load_model(spec.name)
+    assert model_fingerprint(model) == model_fingerprint(default_model[0])
+    assert (tmp_path / "home" / "models" / "chunked-smollm2.gguf").read_bytes() == data
+    assert (tmp_path / "home" / "models" / "chunked-smollm2" / "config.json").is_file()
+
+    with pytest.raises(InputError, match="SHA-256"):
+        assemble_gguf(dataclasses.replace(spec, sha256="0" * 64), tmp_path / "bad.gguf")
+    assert list(tmp_path.glob("*bad.gguf*")) == []
+    with pytest.raises(ModuleNotFoundError, match="pip install memit-test-chunks"):
+        assemble_gguf(dataclasses.replace(spec, chunks=(("memit_no_such_package", "x.bin"),)), tmp_path / "none.gguf")

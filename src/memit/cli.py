@@ -164,3 +164,7 @@ main.add_command(_evaluation_cli.download)
 from memit.tracing.cli import trace as _trace  # noqa: E402
 
 main.add_command(_trace)
+
+from memit.tuning.cli import tune as _tune  # noqa: E402
+
+main.add_command(_tune)

@@ -32,6 +32,9 @@ PAPER_FIELDS_NOT_READ = {
 }
 
 
+PROVENANCE_KEY = "provenance"
+
+
 class HyperParamsError(InputError):
     pass
 
@@ -45,6 +48,8 @@ class HyperParams:
     @classmethod
     def from_dict(cls: type[H], data: Mapping[str, Any], source: str = "hyperparameters") -> H:
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        # How a tuned preset was found (memit tune): a record for people, not a hyperparameter.
+        data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}
         not_read = tuple(sorted(k for k in data if k in PAPER_FIELDS_NOT_READ and k not in fields))
         if not_read:
             _report_not_read(cls.algorithm, source, not_read)
@@ -154,12 +159,16 @@ def list_presets(algorithm: str) -> list[str]:
 
 def preset_name_for(model_name: str) -> str:
     """The preset file stem for a model name as the paper spells it (``EleutherAI/gpt-j-6B``
-    becomes ``EleutherAI_gpt-j-6B``); ``default`` maps to the default model."""
+    becomes ``EleutherAI_gpt-j-6B``), or a local folder's or GGUF file's name without the
+    suffix; ``default`` maps to the default model."""
     from memit.models.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 
     if model_name == DEFAULT_MODEL:
         return DEFAULT_MODEL_NAME
-    return Path(model_name.rstrip("/")).name if Path(model_name).exists() else model_name.replace("/", "_")
+    path = Path(model_name.rstrip("/"))
+    if not path.exists():
+        return model_name.replace("/", "_")
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 @functools.cache

