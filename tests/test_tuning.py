@@ -97,14 +97,14 @@ def test_tune_finds_the_best_setting_and_resumes_after_a_kill(default_model, bas
     # A kill after all but two trials: the rerun measures those two and reuses the rest.
     records = json.loads((work / TRIALS_FILE).read_text())
     (work / TRIALS_FILE).write_text(json.dumps(records[:-2]))
-    targets = {p.name: p.stat().st_mtime_ns for p in (work / "targets").iterdir()}
+    targets = {p.name: p.stat().st_mtime_ns for p in (work / "targets").rglob("*.safetensors")}
     again = tune(model, tok, cases, base, EFFECT, corpus, work, CONFIG, options)
     assert again.hparams == hp
     kept = {json.dumps(r["trial"], sort_keys=True): r["seconds"] for r in records[:-2]}
     rerun = json.loads((work / TRIALS_FILE).read_text())
     assert len(rerun) == len(records)
     assert all(r["seconds"] == kept[json.dumps(r["trial"], sort_keys=True)] for r in rerun[:-2])
-    assert {p.name: p.stat().st_mtime_ns for p in (work / "targets").iterdir()} == targets
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "targets").rglob("*.safetensors")} == targets
 
     with pytest.raises(InputError, match="work_dir.*lambdas"):
         tune(model, tok, cases, base, EFFECT, corpus, work, dataclasses.replace(CONFIG, lambdas=(5.0,)), options)

@@ -19,17 +19,23 @@ def edit_options(func):
         click.option("--batch-size", default=16, show_default=True, help="Requests whose target vectors are optimised together."),
         click.option("--plain", is_flag=True, help="Use the reference one-request-at-a-time computation."),
         click.option("--bf16", is_flag=True, help="bfloat16 autocast for forward passes."),
+        click.option("--use-cache", is_flag=True, help="Reuse target vectors cached per request ($MEMIT_HOME/targets; see --target-cache)."),
+        click.option("--target-cache", default=None, type=click.Path(file_okay=False), help="Folder of cached target vectors (implies --use-cache)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def edit_options_from(corpus, stats_dir, stats_batch_tokens, batch_size, plain, bf16):
+def edit_options_from(corpus, stats_dir, stats_batch_tokens, batch_size, plain, bf16, use_cache, target_cache):
     from memit.editing.base import EditOptions
+    from memit.editing.target_cache import default_target_cache
 
+    if use_cache and target_cache is None:
+        target_cache = str(default_target_cache())
     options = EditOptions(
-        stats_dir=stats_dir, stats_batch_tokens=stats_batch_tokens, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16
+        stats_dir=stats_dir, stats_batch_tokens=stats_batch_tokens, batch_size=1 if plain else batch_size, fast=not plain, autocast=bf16,
+        target_cache=target_cache,
     )
     if corpus:
         options.corpus = corpus

@@ -40,6 +40,8 @@ class EditOptions:
     # bfloat16 autocast for forward passes (statistics and solves stay in float32/float64).
     autocast: bool = False
     seed: int = 0
+    # A folder of target vectors cached per request (memit.editing.target_cache); None: no cache.
+    target_cache: str | None = None
 
 
 @dataclass

@@ -57,7 +57,7 @@ def layer_targets(
     """MEMIT's target vectors z (float64, one row per request) at the last edit layer's output."""
     return compute_targets(
         model, tok, layout, requests, hp, templates, hp.layers[-1],
-        batch_size=options.batch_size, fast=options.fast, autocast=options.autocast,
+        batch_size=options.batch_size, fast=options.fast, autocast=options.autocast, cache_dir=options.target_cache,
     ).target.double()
 
 

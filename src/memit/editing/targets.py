@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.context import ContextTemplates, flatten
 from memit.editing.hparams import ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
+from memit.editing.target_cache import TargetCache
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, set_attn_implementation
@@ -80,25 +82,37 @@ def compute_targets(
     batch_size: int = 16,
     fast: bool = True,
     autocast: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> TargetVectors:
     """Optimise a delta added to the output of decoder ``layer`` for every request.
+
+    ``cache_dir``: read each request's result from there when cached, and save each batch's
+    results as soon as it is done (:class:`memit.editing.target_cache.TargetCache`).
 
     ``init_module`` (the layer or a module inside it) names the module whose output defines ``init`` and the norms used by the
     clamp and the weight decay (the layer itself for MEMIT, its MLP for ROME).
     """
     init_module = init_module or layout.layer_name(layer)
+    cache = TargetCache(cache_dir, model, hparams, context_templates, layer, init_module, autocast) if cache_dir else None
+    rows = [cache.load(r) for r in requests] if cache else [None] * len(requests)
+    todo = [i for i, row in enumerate(rows) if row is None]
+    if cache and len(todo) < len(requests):
+        log.info("Target vectors: %d of %d requests cached in %s", len(requests) - len(todo), len(requests), cache.root)
     # Batches of requests with equally long suffixes waste little on padding (each request's
     # result does not depend on its batch).
-    order = _by_suffix_length(tok, requests) if len(requests) > batch_size else torch.arange(len(requests))
-    ordered = [requests[i] for i in order]
-    parts = []
-    chunks = range(0, len(requests), batch_size)
+    if len(todo) > batch_size:
+        todo = [todo[i] for i in _by_suffix_length(tok, [requests[i] for i in todo]).tolist()]
+    chunks = range(0, len(todo), batch_size)
     for start in progress(chunks, desc="target vectors", unit="batches", logger=log, disable=len(chunks) <= 1, leave=False):
-        chunk = ordered[start : start + batch_size]
-        problem = _build_problem(tok, chunk, context_templates)
-        parts.append(_optimise(model, layout, problem, len(chunk), hparams, layer, init_module, fast, autocast))
-    inverse = torch.argsort(order)
-    return TargetVectors(*(torch.cat([getattr(p, f) for p in parts])[inverse] for f in ("init", "delta", "final_loss")))
+        indices = todo[start : start + batch_size]
+        chunk = [requests[i] for i in indices]
+        part = _optimise(model, layout, _build_problem(tok, chunk, context_templates), len(chunk), hparams, layer, init_module, fast, autocast)
+        for j, i in enumerate(indices):
+            rows[i] = (part.init[j], part.delta[j], part.final_loss[j : j + 1])
+            if cache:
+                cache.save(requests[i], *rows[i])
+    init, delta, loss = zip(*rows)
+    return TargetVectors(torch.stack(init), torch.stack(delta), torch.cat(loss))
 
 
 def _by_suffix_length(tok: PreTrainedTokenizerBase, requests: list[EditRequest]) -> torch.Tensor:

@@ -11,7 +11,8 @@ edit. The stages, each starting from the best setting so far:
 4. ``samples``: the statistics size, the smallest within noise of the largest.
 
 Target vectors depend only on the last edit layer and the optimisation settings, so each is
-computed once (and kept in the work folder); λ and the statistics size change only the solve.
+computed once (cached per request in the work folder); λ and the statistics size change only
+the solve.
 Every finished trial is written to ``trials.json`` at once, so a killed tune resumes where it
 stopped; a time budget stops starting new trials and the best setting so far is kept.
 """
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.base import EditOptions
@@ -44,7 +44,7 @@ from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.stats import Corpus, SecondMomentCache
 from memit.tuning.layers import candidate_windows
-from memit.utils.io import atomic_path, read_json, write_json
+from memit.utils.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +199,12 @@ class _Search:
         self.timed("statistics", time.perf_counter() - start)
 
     def targets(self, layer: int, lr: float, steps: int) -> torch.Tensor:
-        """The requests' target vectors at ``layer``, computed once per setting."""
-        path = self.work_dir / "targets" / f"layer{layer}_lr{lr:g}_steps{steps}.safetensors"
-        if path.is_file():
-            return load_file(str(path))["targets"]
+        """The requests' target vectors at ``layer``, computed once per setting (cached in the work folder)."""
         start = time.perf_counter()
         hp = dataclasses.replace(self.base, v_lr=lr, v_num_grad_steps=steps)
-        torch.manual_seed(self.options.seed)
         targets = compute_targets(self.model, self.tok, self.layout, self.requests, hp, self.templates, layer,
-                                  batch_size=self.options.batch_size, fast=self.options.fast,
-                                  autocast=self.options.autocast).target.double().cpu()
-        with atomic_path(path) as tmp:
-            save_file({"targets": targets.contiguous()}, str(tmp))
+                                  batch_size=self.options.batch_size, fast=self.options.fast, autocast=self.options.autocast,
+                                  cache_dir=self.work_dir / "targets").target.double()
         self.timed("target_vectors", time.perf_counter() - start)
         return targets
 

@@ -85,6 +85,7 @@ class ROMEEditor(Editor):
             vectors = compute_targets(
                 task.model, task.tok, task.layout, [request], self.hparams, templates, layer,
                 init_module=task.layout.mlp_out_name(layer), batch_size=1, fast=opts.fast, autocast=opts.autocast,
+                cache_dir=opts.target_cache,
             )
         log.info("layer %d: z loss %.4f", layer, float(vectors.final_loss[0]))
         return vectors.delta[0].double()
