@@ -205,3 +205,20 @@ def test_reused_edits_are_scored_again_and_never_stale(default_model, fast_hpara
     assert len(edits) == 4
     assert len(list((tmp_path / ".edit_cache").iterdir())) == 4
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_generation_interval_scores_fluency_on_every_nth_case(default_model, fast_hparams, tmp_path):
+    from ..conftest import COUNTERFACT
+
+    model, tok = default_model
+    config = RunConfig(data_file=str(COUNTERFACT), num_edits=3, limit=3, generation_interval=2, generation_tokens=8,
+                       generated_answers=False, out=str(tmp_path))
+    run_dir = run_evaluation(config, model, tok, fast_hparams)
+    records = [json.loads(f.read_text()) for f in sorted(run_dir.glob("case_*.json"), key=lambda f: int(f.stem.split("_")[1]))]
+    order = [c["case_id"] for c in json.loads(COUNTERFACT.read_text())[:3]]
+    by_id = {r["case_id"]: r for r in records}
+    with_fluency = [cid for cid in order if "fluency" in by_id[cid]["post"] and "fluency" in by_id[cid]["pre"]]
+    assert with_fluency == [order[0], order[2]]
+    assert json.loads((run_dir / "params.json").read_text())["config"]["generation_interval"] == 2
+    with pytest.raises(Exception, match="generation_interval"):
+        RunConfig(generation_interval=0)

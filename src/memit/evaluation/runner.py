@@ -59,7 +59,7 @@ GENERATION_BATCH = 128
 # Parameters that must agree for a run to be continued.
 RUN_IDENTITY = (
     "alg", "model", "dtype", "dataset", "data_file", "num_edits", "sequential_batches", "limit",
-    "chat_template", "skip_generation", "generation_tokens", "generated_answers", "answer_tokens",
+    "chat_template", "skip_generation", "generation_tokens", "generation_interval", "generated_answers", "answer_tokens",
 )
 
 
@@ -90,6 +90,8 @@ class RunConfig:
     # The paper's 100-token fluency and consistency generations.
     skip_generation: bool = False
     generation_tokens: int = 100
+    # Fluency and consistency on every N-th case only (the paper's generation_test_interval).
+    generation_interval: int = 1
     # Short greedy answers judged against the targets (the gen_* metrics).
     generated_answers: bool = True
     answer_tokens: int = DEFAULT_ANSWER_TOKENS
@@ -109,6 +111,8 @@ class RunConfig:
             raise RunError(f"num_edits: must be at least 1, got {self.num_edits}")
         if self.sequential_batches < 1:
             raise RunError(f"sequential_batches: must be at least 1, got {self.sequential_batches}")
+        if self.generation_interval < 1:
+            raise RunError(f"generation_interval: must be at least 1, got {self.generation_interval}")
         if self.limit is not None and self.limit < 1:
             raise RunError(f"limit: must be at least 1, got {self.limit}")
         if self.answer_tokens < 1:
@@ -141,6 +145,8 @@ class Scoring:
     generation: GenerationResources | None = None
     generation_tokens: int = 100
     answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
+    # Ids of the cases that get the generation metrics; None: every case.
+    generation_cases: frozenset | None = None
 
 
 @dataclass
@@ -217,7 +223,7 @@ def evaluate_case(
         if answers is None:
             answers = generate_answers(model, tok, [scoring.fmt.prompt(p.prompt) for p in probes], scoring.answer_tokens)
         metrics.update(answer_metrics(judge(probes, answers), spec.any_groups))
-    if scoring.generation is not None and _has_generation(case, spec):
+    if scoring.generation is not None and _has_generation(case, spec, scoring):
         if texts is None:
             texts = generate_greedy(model, tok, case.generation_prompts, max_new_tokens=scoring.generation_tokens)
         metrics.update(generation_metrics(case, texts, scoring.generation))
@@ -246,8 +252,9 @@ def evaluate_cases(
             yield case, metrics, shared + time.perf_counter() - start
 
 
-def _has_generation(case: Any, spec: DatasetSpec | None = None) -> bool:
-    return (spec or dataset_of(case)).has_generation and bool(case.generation_prompts)
+def _has_generation(case: Any, spec: DatasetSpec | None = None, scoring: Scoring | None = None) -> bool:
+    chosen = scoring is None or scoring.generation_cases is None or case.case_id in scoring.generation_cases
+    return chosen and (spec or dataset_of(case)).has_generation and bool(case.generation_prompts)
 
 
 def _split(cases: list[Case], per_case: list[list[Any]], outputs: list[Any]) -> dict[Any, list[Any]]:
@@ -263,7 +270,7 @@ def _generated_texts(
 ) -> dict[Any, list[str]]:
     if scoring.generation is None:
         return {}
-    prompted: list[Any] = [c for c in cases if _has_generation(c, spec)]
+    prompted: list[Any] = [c for c in cases if _has_generation(c, spec, scoring)]
     prompts = [c.generation_prompts for c in prompted]
     texts = generate_greedy(model, tok, [p for ps in prompts for p in ps], scoring.generation_tokens, batch_size=GENERATION_BATCH)
     return _split(prompted, prompts, texts)
@@ -302,6 +309,8 @@ def pre_cache_dir(config: RunConfig, model: PreTrainedModel, with_generation: bo
     key = f"{Path(config.data_file or '').resolve()}|{config.dataset}|{with_generation}|{config.generation_tokens}"
     if config.chat_template or config.answer_limit is not None:  # a run with neither reads caches written before these options
         key += f"|chat={config.chat_template}|answers={config.answer_limit}"
+    if with_generation and config.generation_interval > 1:
+        key += f"|interval={config.generation_interval}"
     return Path(config.out) / ".pre_cache" / model_fingerprint(model) / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -436,8 +445,9 @@ def run_evaluation(
         fmt=prompt_format(tok, config.chat_template),
         generation_tokens=config.generation_tokens,
         answer_tokens=config.answer_limit,
+        generation_cases=frozenset(c.case_id for c in cases[:: config.generation_interval]) if config.generation_interval > 1 else None,
     )
-    if not config.skip_generation and any(_has_generation(c, spec) for c in cases):
+    if not config.skip_generation and any(_has_generation(c, spec, scoring) for c in cases):
         scoring.generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
     pre_cache = pre_cache_dir(config, model, scoring.generation is not None)
     group_size = config.num_edits * config.sequential_batches

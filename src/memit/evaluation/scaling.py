@@ -34,9 +34,11 @@ def cases_for(num_edits: int, min_cases: int) -> int:
 def find_run(config: RunConfig, hparams: dict) -> Path | None:
     """An existing run of the same configuration and hyperparameters, to reuse or continue."""
     want = {k: getattr(config, k) for k in RUN_IDENTITY}
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     for run_dir in list_runs(config.out, config.alg):
         stored = read_json(run_dir / "params.json", what="run parameters")
-        got = {k: stored.get("config", {}).get(k) for k in RUN_IDENTITY}
+        # Runs stored before an option existed ran with its default.
+        got = {k: stored.get("config", {}).get(k, defaults[k]) for k in RUN_IDENTITY}
         if got == want and stored.get("hparams") == hparams:
             return run_dir
     return None
