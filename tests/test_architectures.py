@@ -83,6 +83,21 @@ def test_memit_raises_target_probability_on_each_architecture(name, fast, defaul
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shared_prompt_scoring_equals_joined_sequences_on_each_architecture(name, default_model):
+    """Prompts run once with their keys and values reused for every continuation (left-padded,
+    batched by length) give the paper's joined-sequence scores."""
+    _, tok = default_model
+    model = tiny(name)
+    prompts = [PROMPT, PROMPT, "Paris is the capital of", "Paris is the capital of", "A"]
+    continuations = [" football", " basketball game", " France", " the United Kingdom", " b"]
+    shared = score_continuations(model, tok, prompts, continuations, batch_size=2)
+    joined = score_continuations(model, tok, prompts, continuations, shared_prompts=False)
+    for a, b in zip(shared, joined):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+        assert a.argmax_matches == b.argmax_matches
+
+
 def test_post_feedforward_norm_is_refused():
     try:
         from transformers import Gemma3TextConfig as GemmaConfig

@@ -199,3 +199,23 @@ def test_cases_generated_together_match_one_at_a_time(tiny_model, tokenizer, cf_
             assert together[case.case_id].get(key) == alone.get(key)
     assert "fluency" not in together[2] and len(together[1]["generated_texts"]) == 2
     assert len(together[2]["generated_answers"]) == 1 + len(cf_case.paraphrase_prompts) + len(cf_case.neighborhood_prompts)
+
+
+def test_cases_scored_in_shared_batches_equal_one_case_at_a_time(default_model, counterfact_records):
+    from memit.evaluation.datasets import parse_records
+    from memit.evaluation.metrics_counterfact import counterfact_pairs, evaluate_counterfact_case
+    from memit.predict import prefetched_scores, score_continuations
+
+    model, tok = default_model
+    cases = parse_records(counterfact_records[:3], "cf")
+    alone = [evaluate_counterfact_case(model, tok, c) for c in cases]
+    pairs = [pair for c in cases for pair in counterfact_pairs(c)]
+    with prefetched_scores(model, tok, pairs):
+        together = [evaluate_counterfact_case(model, tok, c) for c in cases]
+        (p, t), = pairs[:1]
+        assert score_continuations(model, tok, [p], [t])[0] is score_continuations(model, tok, [p], [t])[0]
+    for a, b in zip(alone, together):
+        for group, prompts in a["prompts"].items():
+            for x, y in zip(prompts, b["prompts"][group]):
+                assert (x["nll_new"], x["nll_true"]) == pytest.approx((y["nll_new"], y["nll_true"]), abs=1e-4)
+        assert all(a[k] == b[k] for k in a if k.endswith("_success"))

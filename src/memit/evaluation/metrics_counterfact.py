@@ -50,6 +50,13 @@ def counterfact_probes(case: CounterFactCase) -> list[Probe]:
     return [Probe(name, p, true if GROUPS[name] else new) for name, prompts in group_prompts(case).items() for p in prompts]
 
 
+def counterfact_pairs(case: CounterFactCase, fmt: PromptFormat = RAW) -> list[tuple[str, str]]:
+    """(prompt, continuation) for both targets after every prompt of the case, in group order."""
+    prompts = [p for group in group_prompts(case).values() for p in group]
+    targets = (case.request.target_new, case.request.target_true or "")
+    return [(fmt.prompt(p), fmt.continuation(t)) for p in prompts for t in targets]
+
+
 def score_case(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -58,14 +65,12 @@ def score_case(
     batch_size: int = 32,
 ) -> dict[str, list[PromptScore]]:
     """NLLs of both targets after every prompt of the case, in one batched pass."""
-    target_new, target_true = case.request.target_new, case.request.target_true
-    if target_true is None:
+    if case.request.target_true is None:
         raise ValueError(f"case {case.case_id}: CounterFact metrics need target_true")
     groups = group_prompts(case)
     flat = [(name, p) for name, prompts in groups.items() for p in prompts]
-    prompts = [fmt.prompt(p) for _, p in flat for _ in (0, 1)]
-    targets = [fmt.continuation(t) for _ in flat for t in (target_new, target_true)]
-    scores = score_continuations(model, tok, prompts, targets, batch_size=batch_size)
+    pairs = counterfact_pairs(case, fmt)
+    scores = score_continuations(model, tok, [p for p, _ in pairs], [c for _, c in pairs], batch_size=batch_size)
     out: dict[str, list[PromptScore]] = {name: [] for name in groups}
     for i, (name, prompt) in enumerate(flat):
         new, true = scores[2 * i], scores[2 * i + 1]
@@ -110,4 +115,4 @@ def _mean(values: list) -> float:
     return float(sum(values)) / len(values)
 
 
-__all__ = ["GROUPS", "PromptScore", "accuracy", "counterfact_probes", "evaluate_counterfact_case", "magnitude", "score_case", "success", "summarize_case"]
+__all__ = ["GROUPS", "PromptScore", "accuracy", "counterfact_pairs", "counterfact_probes", "evaluate_counterfact_case", "magnitude", "score_case", "success", "summarize_case"]

@@ -34,13 +34,17 @@ def zsre_probes(case: ZsreCase) -> list[Probe]:
     return [Probe(name, prompt, (target,)) for name, (prompt, target) in zsre_prompts(case).items()]
 
 
+def zsre_pairs(case: ZsreCase, fmt: PromptFormat = RAW) -> list[tuple[str, str]]:
+    return [(fmt.prompt(p), fmt.continuation(t)) for p, t in zsre_prompts(case).values()]
+
+
 def evaluate_zsre_case(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, case: ZsreCase, fmt: PromptFormat = RAW, batch_size: int = 32
 ) -> dict:
     """``<group>_acc`` (mean over answer tokens) and the per-token matches of each group."""
     groups = zsre_prompts(case)
-    prompts = [fmt.prompt(p) for p, _ in groups.values()]
-    scores = score_continuations(model, tok, prompts, [fmt.continuation(t) for _, t in groups.values()], batch_size)
+    pairs = zsre_pairs(case, fmt)
+    scores = score_continuations(model, tok, [p for p, _ in pairs], [c for _, c in pairs], batch_size)
     out: dict = {}
     for name, score in zip(groups, scores):
         out[f"{name}_acc"] = sum(score.argmax_matches) / len(score.argmax_matches)
@@ -51,4 +55,4 @@ def evaluate_zsre_case(
     return out
 
 
-__all__ = ["evaluate_zsre_case", "zsre_probes", "zsre_prompts"]
+__all__ = ["evaluate_zsre_case", "zsre_pairs", "zsre_probes", "zsre_prompts"]

@@ -43,6 +43,7 @@ from memit.evaluation.generation import (
     load_tfidf,
 )
 from memit.evaluation.prompt_format import RAW, PromptFormat, prompt_format
+from memit.predict import prefetched_scores
 from memit.requests import EditRequest, RequestError, check_tokenization, parse_requests
 from memit.stats.corpus import Corpus
 from memit.utils.io import read_json, write_json
@@ -238,18 +239,24 @@ def evaluate_cases(
     spec: DatasetSpec | None = None,
 ) -> Iterator[tuple[Case, dict[str, Any], float]]:
     """(case, metrics, seconds) for each case, decoding the texts and answers of several
-    cases in one batch: on a CPU a decoding step reads every weight, whether for 10 prompts
-    or 128."""
+    cases in one batch (on a CPU a decoding step reads every weight, whether for 10 prompts
+    or 128), and scoring their teacher-forced prompts in shared batches."""
     scoring = scoring or Scoring()
     for chunk in _groups(cases, CASES_PER_GENERATION_BATCH):
         start = time.perf_counter()
         texts = _generated_texts(model, tok, chunk, scoring, spec)
         answers = _generated_answers(model, tok, chunk, scoring, spec)
-        shared = (time.perf_counter() - start) / len(chunk)
-        for case in chunk:
-            start = time.perf_counter()
-            metrics = evaluate_case(model, tok, case, scoring, spec, texts.get(case.case_id), answers.get(case.case_id))
-            yield case, metrics, shared + time.perf_counter() - start
+        chunk_spec = spec or dataset_of(chunk[0])
+        pairs = [pair for c in chunk for pair in chunk_spec.scored_pairs(c, scoring.fmt)] if chunk_spec.scored_pairs else []
+        done = []
+        # The whole chunk is scored inside the block: the caller may change the model between cases yielded.
+        with prefetched_scores(model, tok, list(dict.fromkeys(pairs))):
+            shared = (time.perf_counter() - start) / len(chunk)
+            for case in chunk:
+                start = time.perf_counter()
+                metrics = evaluate_case(model, tok, case, scoring, spec, texts.get(case.case_id), answers.get(case.case_id))
+                done.append((case, metrics, shared + time.perf_counter() - start))
+        yield from done
 
 
 def _has_generation(case: Any, spec: DatasetSpec | None = None, scoring: Scoring | None = None) -> bool:

@@ -60,6 +60,17 @@ def cache_pairs(cache: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer[0], layer[1]) for layer in cache]
 
 
+def last_logits_only(model: Any) -> dict:
+    """Forward keywords that compute the vocabulary head at the last position only:
+    ``logits_to_keep`` from transformers 4.50, ``num_logits_to_keep`` before (where the
+    architecture takes it), else none (all positions)."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: 1}
+    return {}
+
+
 def replayed_layer_output(hidden: torch.Tensor, kwargs: dict) -> tuple:
     """A decoder layer's tuple output. Before transformers 4.5x, models read a layer's cache
     from the tuple's second element when ``use_cache``: hand back the cache it was given."""

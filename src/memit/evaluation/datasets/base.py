@@ -63,7 +63,7 @@ class DatasetSpec:
     ``detect_order`` places the schema in detection (None: chosen by name only, e.g. a
     schema that another data set already detects); ``has_generation`` says its cases carry
     ``generation_prompts`` (and ``relation_id``/``target_new_id``) for fluency and
-    consistency; ``probes`` are the questions whose greedy answers give the
+    consistency; ``scored_pairs`` lists what the metric scores; ``probes`` are the questions whose greedy answers give the
     generation-based metrics (None: the data set has none); an ``any_groups`` group counts
     a case as answered when any of its probes is; ``labels`` override summary labels of
     metrics.
@@ -82,6 +82,9 @@ class DatasetSpec:
     probes: Probes | None = None
     any_groups: frozenset[str] = frozenset()
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The (prompt, continuation) pairs the metric scores teacher-forced, so that the runner
+    # scores several cases in shared batches (None: each case on its own).
+    scored_pairs: Callable[[Any, "PromptFormat"], list[tuple[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.local_files:

@@ -7,7 +7,7 @@ from typing import Any
 from memit.evaluation.datasets.base import DatasetSpec
 from memit.evaluation.datasets.counterfact import CounterFactCase, counterfact_training_example
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.evaluation.metrics_counterfact import counterfact_probes, evaluate_counterfact_case
+from memit.evaluation.metrics_counterfact import counterfact_pairs, counterfact_probes, evaluate_counterfact_case
 
 
 def parse_cf_mend(record: Any, index: int) -> CounterFactCase:
@@ -36,6 +36,7 @@ CF_MEND = DatasetSpec(
     parse=parse_cf_mend,
     metric=evaluate_counterfact_case,
     probes=counterfact_probes,
+    scored_pairs=counterfact_pairs,
     training_example=counterfact_training_example,
     local_files=("counterfact-edit.json", "counterfact_mend/counterfact-edit.json"),
     detect_order=2,

@@ -10,7 +10,7 @@ from typing import Any
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, get_strings
-from memit.evaluation.metrics_counterfact import counterfact_probes, evaluate_counterfact_case
+from memit.evaluation.metrics_counterfact import counterfact_pairs, counterfact_probes, evaluate_counterfact_case
 from memit.requests import EditRequest
 
 
@@ -63,6 +63,7 @@ CF = DatasetSpec(
     parse=parse_counterfact,
     metric=evaluate_counterfact_case,
     probes=counterfact_probes,
+    scored_pairs=counterfact_pairs,
     training_example=counterfact_training_example,
     local_files=("counterfact.json",),
     remote_files=(

@@ -9,7 +9,7 @@ from typing import Any
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets.base import DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.evaluation.metrics_zsre import evaluate_zsre_case, zsre_probes
+from memit.evaluation.metrics_zsre import evaluate_zsre_case, zsre_pairs, zsre_probes
 from memit.requests import EditRequest
 
 
@@ -73,6 +73,7 @@ ZSRE = DatasetSpec(
     parse=parse_zsre,
     metric=evaluate_zsre_case,
     probes=zsre_probes,
+    scored_pairs=zsre_pairs,
     training_example=zsre_training_example,
     local_files=("zsre_mend_eval.json",),
     remote_files=(RemoteFile("zsre_mend_eval.json"),),
