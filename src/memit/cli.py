@@ -27,6 +27,9 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Mass-edit facts in a causal language model and measure the result."""
+    from memit.utils.distributed import init_from_environment
+
+    init_from_environment()  # under torchrun: statistics, target vectors and scoring are split across the processes
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     configured = bool(logging.getLogger().handlers)  # by the caller of main(), e.g. tests
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -29,6 +29,7 @@ from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.editing.target_cache import TargetCache
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
+from memit.utils import distributed
 from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, set_attn_implementation
 from memit.utils.grad import bf16_autocast, trainable_only
 from memit.utils.hooks import first_tensor, rewrite_output, run_and_capture, skip_layers_below
@@ -87,13 +88,16 @@ def compute_targets(
     """Optimise a delta added to the output of decoder ``layer`` for every request.
 
     ``cache_dir``: read each request's result from there when cached, and save each batch's
-    results as soon as it is done (:class:`memit.editing.target_cache.TargetCache`).
+    results as soon as it is done (:class:`memit.editing.target_cache.TargetCache`). In a
+    torch.distributed group the requests are split across the processes and every process
+    gets all results.
 
     ``init_module`` (the layer or a module inside it) names the module whose output defines ``init`` and the norms used by the
     clamp and the weight decay (the layer itself for MEMIT, its MLP for ROME).
     """
     init_module = init_module or layout.layer_name(layer)
     cache = TargetCache(cache_dir, model, hparams, context_templates, layer, init_module, autocast) if cache_dir else None
+    distributed.barrier()  # every process sees the same cached files
     rows = [cache.load(r) for r in requests] if cache else [None] * len(requests)
     todo = [i for i, row in enumerate(rows) if row is None]
     if cache and len(todo) < len(requests):
@@ -102,6 +106,7 @@ def compute_targets(
     # result does not depend on its batch).
     if len(todo) > batch_size:
         todo = [todo[i] for i in _by_suffix_length(tok, [requests[i] for i in todo]).tolist()]
+    todo = distributed.shard(todo)  # in a torch.distributed group, each process optimises its share
     chunks = range(0, len(todo), batch_size)
     for start in progress(chunks, desc="target vectors", unit="batches", logger=log, disable=len(chunks) <= 1, leave=False):
         indices = todo[start : start + batch_size]
@@ -111,6 +116,10 @@ def compute_targets(
             rows[i] = (part.init[j], part.delta[j], part.final_loss[j : j + 1])
             if cache:
                 cache.save(requests[i], *rows[i])
+    if distributed.is_distributed():
+        for share in distributed.all_gather({i: rows[i] for i in todo}):
+            for i, row in share.items():
+                rows[i] = row
     init, delta, loss = zip(*rows)
     return TargetVectors(torch.stack(init), torch.stack(delta), torch.cat(loss))
 

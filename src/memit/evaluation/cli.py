@@ -55,6 +55,7 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_templa
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
     from memit.evaluation.runner import RunConfig, run_evaluation
     from memit.evaluation.summary import format_table, summarize_run
+    from memit.utils.distributed import is_main
 
     config = RunConfig(
         alg=alg, model=model_name, dataset=_dataset(dataset, data_file), data_file=data_file, data_dir=data_dir,
@@ -65,8 +66,9 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_templa
     )
     start = time.perf_counter()
     run_dir = run_evaluation(config, options=edit_options_from(**edit_opts))
-    click.echo(format_table(summarize_run(run_dir)))
-    click.echo(f"Results in {run_dir} (wall time {time.perf_counter() - start:.0f} s)")
+    if is_main():  # one table from a torchrun group
+        click.echo(format_table(summarize_run(run_dir)))
+        click.echo(f"Results in {run_dir} (wall time {time.perf_counter() - start:.0f} s)")
 
 
 @click.command()

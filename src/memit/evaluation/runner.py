@@ -46,6 +46,7 @@ from memit.evaluation.prompt_format import RAW, PromptFormat, prompt_format
 from memit.predict import prefetched_scores
 from memit.requests import EditRequest, RequestError, check_tokenization, parse_requests
 from memit.stats.corpus import Corpus
+from memit.utils import distributed
 from memit.utils.io import read_json, write_json
 from memit.utils.progress import progress
 
@@ -409,9 +410,10 @@ def resolve_config(config: RunConfig) -> tuple[Path | None, RunConfig]:
 def start_run(run_dir: Path | None, config: RunConfig, hparams: HyperParams, extra: dict[str, Any]) -> Path:
     """Create a new run folder with params.json, or check a continued run's hyperparameters."""
     if run_dir is None:
-        run_dir = new_run_dir(config.out, config.alg)
-        write_json(run_dir / PARAMS_FILE, {"config": dataclasses.asdict(config), "hparams": hparams.to_dict(), **extra})
-        return run_dir
+        if distributed.is_main():
+            run_dir = new_run_dir(config.out, config.alg)
+            write_json(run_dir / PARAMS_FILE, {"config": dataclasses.asdict(config), "hparams": hparams.to_dict(), **extra})
+        return distributed.broadcast(run_dir)
     if _stored_params(run_dir).get("hparams") != hparams_json(hparams):
         raise RunError(f"continue_from_run: {run_dir} was run with other hyperparameters; start a new run")
     return run_dir
@@ -458,12 +460,15 @@ def run_evaluation(
         scoring.generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
     pre_cache = pre_cache_dir(config, model, scoring.generation is not None)
     group_size = config.num_edits * config.sequential_batches
+    distributed.barrier()  # every process sees the same finished cases
     todo = [g for g in _groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
     log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
              run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
     for group in progress(todo, desc=f"evaluate {run_dir.name}", unit="groups", logger=log):
         _run_group(model, tok, editor, config, run_dir, group, scoring, hooks, pre_cache)
-    shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
     return run_dir
 
 
@@ -478,8 +483,9 @@ def _run_group(
     hooks: RunHooks,
     pre_cache: Path | None = None,
 ) -> None:
-    """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert."""
-    pending = [c for c in group if not case_file(run_dir, c).is_file()]
+    """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert.
+    In a torch.distributed group every process makes the edits and scores its share of the cases."""
+    pending = distributed.shard([c for c in group if not case_file(run_dir, c).is_file()])
     start = time.perf_counter()
     pre = _pre_metrics(model, tok, pending, scoring, config, pre_cache)
     pre_seconds = time.perf_counter() - start
@@ -518,7 +524,9 @@ def _run_group(
     finally:
         for deltas in reversed(applied):
             deltas.revert(model)
-    shutil.rmtree(_deltas_dir(run_dir, group), ignore_errors=True)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.rmtree(_deltas_dir(run_dir, group), ignore_errors=True)
 
 
 def _rewrites(case: Case) -> dict[str, Any]:
@@ -569,7 +577,8 @@ def _edit_or_reload(
     """Apply ``requests`` (of the cases ``batch``) on top of the ``earlier`` batches: the
     deltas saved in ``folder`` if there are any (by an interrupted attempt of this run, or by
     any run when edits are reused), else a new edit, saved there."""
-    if (folder / "edit_config.json").is_file():
+    # In a torch.distributed group every process applies the same edit; rank 0 decides and saves.
+    if distributed.broadcast((folder / "edit_config.json").is_file()):
         saved = WeightDeltas.load(folder)
         if [r.get("case_id") for r in saved.manifest.get("requests", [])] == [r.case_id for r in requests]:
             log.info("Reusing the saved edit of cases %s..%s", batch[0].case_id, batch[-1].case_id)
@@ -577,7 +586,9 @@ def _edit_or_reload(
     if hooks.on_edit:
         hooks.on_edit(batch)
     deltas = editor.edit(model, tok, requests, earlier)
-    deltas.save(folder)
+    if distributed.is_main():
+        deltas.save(folder)
+    distributed.barrier()
     return deltas
 
 

@@ -15,6 +15,7 @@ from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.stats.corpus import Corpus
+from memit.utils import distributed
 from memit.utils.grad import bf16_autocast
 from memit.utils.hooks import run_and_capture
 from memit.utils.io import atomic_path, memit_home
@@ -99,18 +100,24 @@ def collect_second_moments(
 
     ``snapshots``: sample count -> a function given the running sums and token count once the
     first that many samples are counted (a batch never straddles a snapshot), so that one
-    pass yields the statistics of several corpus sizes."""
+    pass yields the statistics of several corpus sizes.
+
+    In a torch.distributed group each process counts every ``world_size``-th sample and the
+    sums are added up across processes (at each snapshot too); every process gets the result."""
     check_batch_tokens(max_tokens, batch_tokens)
     names = {layer: layout.mlp_out_name(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     count = 0
     snapshots = {n: f for n, f in (snapshots or {}).items() if n < n_samples}
-    bar = progress(total=n_samples, desc="key statistics", unit="samples", logger=log)
+    bar = progress(total=-(-n_samples // distributed.world_size()), desc="key statistics", unit="samples", logger=log)
     for batch in _segmented_batches(tok, iter(texts), [*sorted(snapshots), n_samples], max_tokens, batch_tokens):
         if isinstance(batch, int):
-            if count == 0:
+            total = _summed_count(count)
+            if total == 0:
                 raise InputError("mom2_dataset: the corpus yielded no tokens")
-            snapshots[batch](sums, count)
+            reduced = {layer: distributed.all_reduce_sum(s.clone()) for layer, s in sums.items()} if distributed.is_distributed() else sums
+            snapshots[batch](reduced, total)
+            del reduced
             continue
         batch = {k: v.to(model.device) for k, v in batch.items()}
         mask = batch["attention_mask"].bool()
@@ -134,10 +141,15 @@ def collect_second_moments(
         count += int(mask.sum())
         bar.update(len(mask))
     bar.close()
+    count = _summed_count(count)
     if count == 0:
         raise InputError("mom2_dataset: the corpus yielded no tokens")
     # In place: a second set of float64 matrices would double the sums' memory at the end.
-    return {layer: total.div_(count) for layer, total in sums.items()}, count
+    return {layer: distributed.all_reduce_sum(total).div_(count) for layer, total in sums.items()}, count
+
+
+def _summed_count(count: int) -> int:
+    return int(distributed.all_reduce_sum(torch.tensor([count], dtype=torch.float64)).item())
 
 
 def _gram(keys: torch.Tensor, strips: int = 4) -> torch.Tensor:
@@ -172,11 +184,12 @@ def _tokenize_prefix(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -
 def _segmented_batches(
     tok: PreTrainedTokenizerBase, texts: Iterator[str], ends: list[int], max_tokens: int, batch_tokens: int
 ) -> Iterator[dict[str, torch.Tensor] | int]:
-    """The batches of the first ``ends[-1]`` texts, yielding each earlier end (a sample count)
-    once the batches before it are out; no batch straddles an end."""
-    start = 0
+    """The batches of this process's share of the first ``ends[-1]`` texts, yielding each
+    earlier end (a sample count) once the batches before it are out; no batch straddles an end."""
+    start, rank, world = 0, distributed.rank(), distributed.world_size()
     for end in ends:
-        yield from _token_batches(tok, islice(texts, end - start), max_tokens, batch_tokens)
+        own = (text for i, text in enumerate(islice(texts, end - start), start) if i % world == rank)
+        yield from _token_batches(tok, own, max_tokens, batch_tokens)
         if end != ends[-1]:
             yield end
         start = end
@@ -245,7 +258,9 @@ class SecondMomentCache:
         batch_tokens: int | None = None,
     ) -> None:
         """Compute and save whatever is missing of the statistics over the first ``n`` samples
-        for every ``n`` in ``sizes``, in one pass over the largest."""
+        for every ``n`` in ``sizes``, in one pass over the largest (in a torch.distributed
+        group, split across the processes; rank 0 writes the files)."""
+        distributed.barrier()  # every process sees the same files missing
         paths = {n: self._paths(model, tok, layout, layers, corpus, n, max_tokens, dtype, autocast) for n in sizes}
         missing = sorted({layer for n in sizes for layer, path in paths[n].items() if not path.is_file()})
         if not missing:
@@ -253,6 +268,8 @@ class SecondMomentCache:
         largest = max(n for n in sizes if any(not p.is_file() for p in paths[n].values()))
 
         def save(n: int, sums: dict[int, torch.Tensor], count: int, divide: bool = True) -> None:
+            if not distributed.is_main():
+                return
             for layer in missing:
                 if not paths[n][layer].is_file():
                     moment = sums[layer] / count if divide else sums[layer]
@@ -266,6 +283,7 @@ class SecondMomentCache:
             batch_tokens or DEFAULT_BATCH_TOKENS, autocast=autocast, snapshots=snapshots,
         )
         save(largest, moments, count, divide=False)
+        distributed.barrier()  # the files rank 0 writes are read by every process
 
     def _paths(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, layers: list[int], corpus: Corpus,

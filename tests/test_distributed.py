@@ -1,0 +1,115 @@
+"""Work split across 2 gloo processes on 127.0.0.1 gives the numbers of 1 process: key
+statistics, target vectors, and an evaluation run's scoring (one run folder)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from memit import EditOptions, ModelLayout
+from memit.editing.common import context_templates
+from memit.editing.targets import compute_targets
+from memit.evaluation.runner import RunConfig, run_evaluation
+from memit.requests import parse_requests
+from memit.stats import collect_second_moments, load_corpus
+from tests.conftest import COUNTERFACT, TEST_STATS_SAMPLES
+
+REQUESTS = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": {"str": "English"}},
+    {"prompt": "{} is located in the continent of", "subject": "Mount Kenya", "target_new": {"str": "Europe"}},
+]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hparams():
+    from memit import MEMITHyperParams
+
+    hp = MEMITHyperParams.preset("SmolLM2-135M-Instruct")
+    return dataclasses.replace(hp, mom2_n_samples=TEST_STATS_SAMPLES, v_num_grad_steps=6)
+
+
+def part_statistics(model, tok, out):
+    moments, count = collect_second_moments(model, tok, ModelLayout.from_model(model), [3, 6], load_corpus("wikipedia-sample").texts(), 25, 64)
+    return {"moments": moments, "count": count}
+
+
+def part_targets(model, tok, out):
+    hp = _hparams()
+    layout = ModelLayout.from_model(model)
+    vectors = compute_targets(model, tok, layout, parse_requests(REQUESTS), hp, context_templates(model, tok, hp, EditOptions()),
+                              hp.layers[-1], batch_size=1)
+    return {"delta": vectors.delta}
+
+
+def part_scoring(model, tok, out):
+    config = RunConfig(data_file=str(COUNTERFACT), limit=5, num_edits=5, skip_generation=True, out=str(out))
+    run_dir = run_evaluation(config, model, tok, _hparams(), EditOptions(batch_size=2))
+    return {"run_dir": str(run_dir)}
+
+
+PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring}
+
+
+def _worker(rank: int, part: str, port: int, out: str) -> None:
+    from memit import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model, tok = load_model("default")
+        result = PARTS[part](model, tok, out)
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(part: str, out) -> list[dict]:
+    mp.spawn(_worker, args=(part, _free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_statistics_split_across_processes_equal_one_process(default_model, tmp_path):
+    model, tok = default_model
+    ranks = run_distributed("statistics", tmp_path)
+    alone = part_statistics(model, tok, tmp_path)
+    for result in ranks:
+        assert result["count"] == alone["count"] > 0
+        for layer in (3, 6):
+            torch.testing.assert_close(result["moments"][layer], alone["moments"][layer], atol=1e-6, rtol=1e-5)
+
+
+def test_target_vectors_split_across_processes_equal_one_process(default_model, tmp_path):
+    model, tok = default_model
+    ranks = run_distributed("targets", tmp_path)
+    alone = part_targets(model, tok, tmp_path)["delta"]
+    for result in ranks:
+        assert float((result["delta"] - alone).norm() / alone.norm()) < 1e-4
+
+
+def test_scoring_split_across_processes_fills_one_run_folder_with_the_same_numbers(default_model, tmp_path):
+    model, tok = default_model
+    ranks = run_distributed("scoring", tmp_path / "split")
+    assert ranks[0]["run_dir"] == ranks[1]["run_dir"]
+    split = sorted((tmp_path / "split" / "MEMIT" / "run_000").glob("case_*.json"))
+    alone_dir = part_scoring(model, tok, tmp_path / "alone")["run_dir"]
+    alone = sorted((tmp_path / "alone" / "MEMIT" / "run_000").glob("case_*.json"))
+    assert len(split) == len(alone) == 5 and str(alone[0].parent) == alone_dir
+    for a, b in zip(split, alone):
+        ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+        for phase in ("pre", "post"):
+            for key in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
+                assert ra[phase][key] == rb[phase][key], (a.name, phase, key)
+            assert ra[phase]["efficacy_magnitude"] == pytest.approx(rb[phase]["efficacy_magnitude"], abs=1e-3)
