@@ -102,7 +102,7 @@ class TrialResult:
     paraphrase: float
     neighborhood: float
     score: float
-    # Mean probability margin of the right target over the three groups (breaks ties).
+    # Mean probability margin of the right target over the three groups.
     magnitude: float
     update_norm: float
     # Mean success over the three groups, per tuning case (for the noise rule).
@@ -112,8 +112,12 @@ class TrialResult:
     update_change: float | None = None
 
     @property
-    def rank(self) -> tuple[float, float]:
-        return (round(self.score, 9), self.magnitude)
+    def rank(self) -> tuple[float, float, float]:
+        """Higher is better: the Score, then the mean success (where a group at zero leaves
+        every Score at zero), then the smaller update. Small tuning batches leave many
+        settings tied (neighborhood success barely moves with 10 edits); of those, the one
+        that changes the weights least keeps most at larger batches."""
+        return (round(self.score, 9), round(statistics.fmean(self.per_case), 9), -self.update_norm)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -320,7 +324,7 @@ def tune(
         "candidate_windows": windows,
         "window_rule": f"{config.num_layers} layers ending at, centred on and starting at the traced MLP peak; the best measured kept",
         "objective": "Score (harmonic mean of efficacy, paraphrase and neighborhood success) of one batch edit of the tuning requests; "
-                     "ties broken by the mean probability margin",
+                     "ties broken by the mean success, then by the smaller update norm",
         "sample_size_rule": "the smallest statistics size whose per-case mean success is within two standard errors of the largest's",
         "unedited": {k: v for k, v in unedited.items() if k != "per_case"},
         "chosen": {"score": final.score, "efficacy": final.efficacy, "paraphrase": final.paraphrase, "neighborhood": final.neighborhood},
