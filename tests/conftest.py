@@ -44,3 +44,17 @@ def counterfact_records():
     import json
 
     return json.loads(COUNTERFACT.read_text())
+
+
+def random_llama(tok, num_layers: int, seed: int):
+    """A tiny random Llama over the default model's tokenizer, with its vocabulary head scaled
+    up so that its predictions are sharper than a random init gives."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model

@@ -15,21 +15,15 @@ from memit.tracing import TraceConfig, load_knowns, noise_level, summarize_trace
 from memit.tracing.causal_trace import Trace, answer_probs, corrupted_subject, restored_layers, restoring, state_names, subject_range
 from memit.tracing.run import POSITIONS, position_rows
 from memit.utils.hooks import run_and_capture
+from tests.conftest import random_llama
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
 
 
 @pytest.fixture(scope="module")
 def tiny(default_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = default_model[1]
-    torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
+    model = random_llama(tok, num_layers=4, seed=7)
     return model, tok, ModelLayout.from_model(model)
 
 

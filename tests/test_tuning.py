@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from memit import EditOptions, MEMITHyperParams
@@ -16,7 +15,7 @@ from memit.stats import load_corpus
 from memit.tuning import TuneConfig, candidate_windows, tune
 from memit.tuning.run import load_tuning_cases
 from memit.tuning.search import TRIALS_FILE
-from tests.conftest import COUNTERFACT, DATA_DIR
+from tests.conftest import COUNTERFACT, DATA_DIR, random_llama
 from tests.test_tracing import _knowns_file
 
 TRAIN = DATA_DIR / "counterfact_mend" / "counterfact-train.json"
@@ -28,16 +27,7 @@ EFFECT = [0.01 * min(i, 12 - i) for i in range(30)]
 
 @pytest.fixture(scope="module")
 def tiny(default_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = default_model[1]
-    torch.manual_seed(11)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model, tok
+    return random_llama(default_model[1], num_layers=6, seed=11), default_model[1]
 
 
 @pytest.fixture(scope="module")
