@@ -67,6 +67,7 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     from memit.deltas import WeightDeltas
     from memit.models import load_model
     from memit.requests import check_tokenization, load_requests
+    from memit.utils.distributed import is_main
 
     requests = load_requests(requests_file)
     model, tok = load_model(model_name, **load)
@@ -75,6 +76,8 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     before = describe_predictions(model, tok, requests)
     deltas = edit_model(model, tok, requests, hparams, alg, options=edit_options_from(**edit_opts), earlier=earlier)
     after = describe_predictions(model, tok, requests)
+    if not is_main():  # every process of a torchrun group made the same edit; one reports it
+        return
     print_report(requests, before, after)
     if report:
         write_json(report, [{"request": r.to_dict(), "pre": b, "post": a} for r, b, a in zip(requests, before, after)])
@@ -142,6 +145,7 @@ def demo(model_name, load, **edit_opts):
     from memit.models import load_model
     from memit.predict import generate
     from memit.requests import parse_requests
+    from memit.utils.distributed import is_main
 
     requests = parse_requests(DEMO_REQUESTS)
     model, tok = load_model(model_name, **load)
@@ -151,6 +155,8 @@ def demo(model_name, load, **edit_opts):
     click.echo("Editing (the first run computes key statistics, a few minutes on a CPU)...")
     deltas = edit_model(model, tok, requests, options=edit_options_from(**edit_opts))
     after = describe_predictions(model, tok, requests)
+    if not is_main():  # every process of a torchrun group made the same edit; one reports it
+        return
     print_report(requests, before, after)
     for prompt, text in zip(prompts, texts_before):
         click.echo(f"\nGeneration for {prompt!r}\n  before: {text!r}\n  after:  {generate(model, tok, prompt)!r}")

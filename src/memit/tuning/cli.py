@@ -52,6 +52,7 @@ def tune(model_name, alg, out_file, work_dir, hparams, data_file, data_dir, excl
     from memit.tuning.run import load_tuning_cases, mlp_effect_at_last_subject, starting_hparams
     from memit.tuning.search import TuneConfig
     from memit.tuning.search import tune as run_tune
+    from memit.utils.distributed import is_main
     from memit.utils.io import write_json
 
     started = time.perf_counter()
@@ -70,6 +71,8 @@ def tune(model_name, alg, out_file, work_dir, hparams, data_file, data_dir, excl
     provenance = {"model": model_name, "tuning_file": str(source), "excluded_files": list(exclude_files), "edits_per_trial": edits}
     result = run_tune(model, tok, cases, base, effect, corpus, work, config, options, provenance)
     result.provenance["seconds"]["this_invocation"] = round(time.perf_counter() - started, 1)
+    if not is_main():  # every process of a torchrun group measured the same trials
+        return
     write_json(out, result.preset())
 
     rows = result.provenance["trials"]
