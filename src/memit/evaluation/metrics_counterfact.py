@@ -53,7 +53,7 @@ def counterfact_probes(case: CounterFactCase) -> list[Probe]:
 def counterfact_pairs(case: CounterFactCase, fmt: PromptFormat = RAW) -> list[tuple[str, str]]:
     """(prompt, continuation) for both targets after every prompt of the case, in group order."""
     prompts = [p for group in group_prompts(case).values() for p in group]
-    targets = (case.request.target_new, case.request.target_true or "")
+    targets = [t for t in (case.request.target_new, case.request.target_true) if t is not None]
     return [(fmt.prompt(p), fmt.continuation(t)) for p in prompts for t in targets]
 
 
