@@ -222,3 +222,21 @@ def test_generation_interval_scores_fluency_on_every_nth_case(default_model, fas
     assert json.loads((run_dir / "params.json").read_text())["config"]["generation_interval"] == 2
     with pytest.raises(Exception, match="generation_interval"):
         RunConfig(generation_interval=0)
+
+
+def test_sequential_checkpoints_reuse_the_earlier_batches(default_model, fast_hparams, tmp_path):
+    """`memit scale --sequential-batches 1,2`: the second checkpoint reloads the first batch
+    from the edit cache and adds one; a plot of edits so far is written."""
+    hp = tmp_path / "hp.json"
+    fast_hparams.save(hp)
+    out = tmp_path / "out"
+    args = ["scale", "--data-file", str(CF_MEND), "--num-edits", "1", "--sequential-batches", "1,2", "--hparams", str(hp),
+            "--skip-generation", "--no-generated-answers", "--reuse-edits", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    params = [json.loads(p.read_text())["config"] for p in sorted((out / "MEMIT").glob("run_*/params.json"))]
+    assert [(c["num_edits"], c["sequential_batches"], c["limit"]) for c in params] == [(1, 1, 1), (1, 2, 2)]
+    assert len(list((out / ".edit_cache").iterdir())) == 2  # batch 1 once, batch 2 on top of it
+    assert (out / "MEMIT" / "sequential_cf-mend.png").is_file()
+    bad = CliRunner().invoke(main, [*args[:4], "1,2", *args[5:]])
+    assert bad.exit_code != 0 and "one batch size" in bad.output

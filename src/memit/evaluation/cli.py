@@ -91,16 +91,19 @@ def summarize(run_dirs, as_json, compare):
 @click.command()
 @_run_options
 @click.option("--num-edits", default="1,10,100,1000", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--sequential-batches", "checkpoints", default=None,
+              help="Comma-separated K: batches of NUM_EDITS (one size) applied K times in sequence, all K x NUM_EDITS cases scored at each K.")
 @click.option("--min-cases", default=10, show_default=True, help="Cases evaluated at least per point (whole batches).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="PNG to write (default OUT/ALG/scaling_<dataset>.png).")
 @edit_options
 @model_options
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
-          generation_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, min_cases, plot_path, load, **edit_opts):
-    """Run (or reuse) one evaluation per batch size and plot the metrics against it."""
+          generation_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, checkpoints, min_cases, plot_path, load,
+          **edit_opts):
+    """Run (or reuse) one evaluation per batch size (or per sequential checkpoint) and plot the metrics against the edits."""
     from memit.evaluation.datasets import load_cases
     from memit.evaluation.runner import RunConfig
-    from memit.evaluation.scaling import plot_scaling, run_scaling
+    from memit.evaluation.scaling import plot_scaling, run_scaling, run_sequential
     from memit.evaluation.summary import format_table
     from memit.models import load_model
 
@@ -110,6 +113,12 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
         raise click.BadParameter(f"expected comma-separated integers, got {num_edits!r}", param_hint="--num-edits") from None
     if not sizes or min(sizes) < 1:
         raise click.BadParameter("batch sizes must be positive", param_hint="--num-edits")
+    try:
+        ks = [int(x) for x in checkpoints.split(",") if x.strip()] if checkpoints else []
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {checkpoints!r}", param_hint="--sequential-batches") from None
+    if ks and (len(sizes) != 1 or min(ks) < 1):
+        raise click.BadParameter("with --sequential-batches, --num-edits is one batch size and every K is positive", param_hint="--sequential-batches")
     dataset = _dataset(dataset, data_file)
     if dataset is None:
         dataset = load_cases(None, data_file)[0]
@@ -117,10 +126,14 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
                      chat_template=chat_template, skip_generation=skip_generation, generation_tokens=generation_tokens,
                      generation_interval=generation_interval, generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out, **load)
     model, tok = load_model(model_name, **load)
-    summaries = run_scaling(base, sizes, min_cases, model, tok, options=edit_options_from(**edit_opts))
+    options = edit_options_from(**edit_opts)
+    if ks:
+        summaries = run_sequential(base, sizes[0], ks, model, tok, options=options)
+    else:
+        summaries = run_scaling(base, sizes, min_cases, model, tok, options=options)
     for s in summaries:
         click.echo(format_table(s) + "\n")
-    path = Path(plot_path or Path(out) / alg / f"scaling_{dataset}.png")
+    path = Path(plot_path or Path(out) / alg / f"{'sequential' if ks else 'scaling'}_{dataset}.png")
     plot_scaling(summaries, path, title=f"{alg} on {model_name}, {dataset}")
     click.echo(f"Plot written to {path}")
 

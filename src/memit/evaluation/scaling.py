@@ -61,13 +61,38 @@ def run_scaling(
         config = dataclasses.replace(
             base, num_edits=n, sequential_batches=1, limit=cases_for(n, min_cases), data_file=str(data_file.resolve())
         )
-        existing = find_run(config, hparams_json(hp))
-        if existing is not None:
-            log.info("num_edits=%d: reusing %s", n, existing)
-            config = dataclasses.replace(config, continue_from_run=str(existing))
-        run_dir = run_evaluation(config, model, tok, hp, options)
-        summaries.append(summarize_run(run_dir))
+        summaries.append(_run_or_continue(config, model, tok, hp, options))
     return summaries
+
+
+def run_sequential(
+    base: RunConfig,
+    num_edits: int,
+    checkpoints: list[int],
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    hparams=None,
+    options: EditOptions | None = None,
+) -> list[RunSummary]:
+    """Sequential editing measured along the way (AlphaEdit's protocol): for each checkpoint
+    k, batches of ``num_edits`` applied one after another k times, then all k x num_edits
+    cases scored. With ``base.reuse_edits`` a checkpoint reloads the batches of the earlier
+    ones (their edit keys chain), so each batch is computed once."""
+    hp = resolve_hparams(base.alg, hparams if hparams is not None else base.hparams, model)
+    data_file = Path(base.data_file) if base.data_file else default_data_file(base.dataset or DEFAULT_DATASET, data_dir(base.data_dir))
+    summaries = []
+    for k in progress(sorted(checkpoints), desc="sequential checkpoints", unit="runs", logger=log):
+        config = dataclasses.replace(base, num_edits=num_edits, sequential_batches=k, limit=num_edits * k, data_file=str(data_file.resolve()))
+        summaries.append(_run_or_continue(config, model, tok, hp, options))
+    return summaries
+
+
+def _run_or_continue(config: RunConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase, hp, options: EditOptions | None) -> RunSummary:
+    existing = find_run(config, hparams_json(hp))
+    if existing is not None:
+        log.info("num_edits=%d x %d: reusing %s", config.num_edits, config.sequential_batches, existing)
+        config = dataclasses.replace(config, continue_from_run=str(existing))
+    return summarize_run(run_evaluation(config, model, tok, hp, options))
 
 
 def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
@@ -77,7 +102,9 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [s.params["config"]["num_edits"] for s in summaries]
+    configs = [s.params["config"] for s in summaries]
+    sequential = any(c.get("sequential_batches", 1) > 1 for c in configs)
+    xs = [c["num_edits"] * c.get("sequential_batches", 1) for c in configs]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for key, label in CURVES.items():
         ys = [s.value("post", key) for s in summaries]
@@ -88,7 +115,7 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     if any(p is not None for p in pre):
         ax.plot(xs, [None if p is None else 100 * p for p in pre], ls="--", color="grey", label="Neighborhood (unedited)")
     ax.set_xscale("log")
-    ax.set_xlabel("number of edits in one batch")
+    ax.set_xlabel(f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "number of edits in one batch")
     ax.set_ylabel("%")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
@@ -102,4 +129,4 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     return path
 
 
-__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling"]
+__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling", "run_sequential"]
