@@ -65,9 +65,10 @@ def test_the_budget_is_an_option_of_every_editing_command():
     assert STATS_BATCH_TOKENS == DEFAULT_BATCH_TOKENS == EditOptions().stats_batch_tokens
     options = edit_options_from(corpus=None, stats_dir=None, stats_batch_tokens=1234, batch_size=16, plain=False, bf16=False)
     assert options.stats_batch_tokens == 1234
-    for command in ("edit", "demo", "evaluate", "scale"):
+    assert edit_options_from(None, None, 8192, 16, False, False, use_cache=True).target_cache.endswith("targets")
+    for command in ("edit", "demo", "evaluate", "scale", "tune"):
         result = CliRunner().invoke(main, [command, "--help"])
-        assert result.exit_code == 0 and "--stats-batch-tokens" in result.output, (command, result.output)
+        assert result.exit_code == 0 and "--stats-batch-tokens" in result.output and "--use-cache" in result.output, (command, result.output)
 
 
 class ParameterCopies(TorchDispatchMode):

@@ -27,7 +27,7 @@ def edit_options(func):
     return func
 
 
-def edit_options_from(corpus, stats_dir, stats_batch_tokens, batch_size, plain, bf16, use_cache, target_cache):
+def edit_options_from(corpus, stats_dir, stats_batch_tokens, batch_size, plain, bf16, use_cache=False, target_cache=None):
     from memit.editing.base import EditOptions
     from memit.editing.target_cache import default_target_cache
 
