@@ -8,7 +8,8 @@ edit. The stages, each starting from the best setting so far:
    :attr:`TuneConfig.lambdas`;
 2. ``lambda``: λ refined around the best value;
 3. ``z``: the target-vector optimisation's learning rate and step count;
-4. ``samples``: the statistics size, the smallest within noise of the largest.
+4. ``samples``: the statistics size, the smallest within noise of the largest whose update
+   stays within :data:`MAX_UPDATE_CHANGE` of the largest's.
 
 Target vectors depend only on the last edit layer and the optimisation settings, so each is
 computed once (cached per request in the work folder); λ and the statistics size change only
@@ -49,6 +50,9 @@ from memit.utils.io import read_json, write_json
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
+# A smaller statistics size is kept only if its update stays this close to the largest's
+# (relative Frobenius distance): a few tuning edits cannot tell a much changed update apart.
+MAX_UPDATE_CHANGE = 0.2
 TRIALS_FILE = "trials.json"
 TIMINGS_FILE = "timings.json"
 
@@ -306,7 +310,8 @@ def tune(
     t = best.trial
     by_size = {n: search.run("samples", dataclasses.replace(t, mom2_n_samples=n), reference=t) for n in sorted(config.sample_sizes) if n != largest}
     by_size[largest] = best
-    chosen_size = min(n for n, r in by_size.items() if r is not None and within_noise(r, best))
+    chosen_size = min(n for n, r in by_size.items() if n == largest or (r is not None and within_noise(r, best)
+                                                                          and r.update_change is not None and r.update_change <= MAX_UPDATE_CHANGE))
     final = by_size[chosen_size]
 
     hparams = dataclasses.replace(base, layers=list(t.layers), v_lr=t.v_lr, v_num_grad_steps=t.v_num_grad_steps,
@@ -325,7 +330,8 @@ def tune(
         "window_rule": f"{config.num_layers} layers ending at, centred on and starting at the traced MLP peak; the best measured kept",
         "objective": "Score (harmonic mean of efficacy, paraphrase and neighborhood success) of one batch edit of the tuning requests; "
                      "ties broken by the mean success, then by the smaller update norm",
-        "sample_size_rule": "the smallest statistics size whose per-case mean success is within two standard errors of the largest's",
+        "sample_size_rule": "the smallest statistics size whose per-case mean success is within two standard errors of the largest's "
+                            f"and whose update is within {MAX_UPDATE_CHANGE:.0%} of the largest's",
         "unedited": {k: v for k, v in unedited.items() if k != "per_case"},
         "chosen": {"score": final.score, "efficacy": final.efficacy, "paraphrase": final.paraphrase, "neighborhood": final.neighborhood},
         "trials": [_table_row(r) for r in results],
