@@ -187,6 +187,8 @@ class _Search:
         self.stats = SecondMomentCache(options.stats_dir)
         self.templates = context_templates(model, tok, base, options)
         self.results: dict[str, TrialResult] = {}
+        self._targets: dict[tuple[int, float, int], torch.Tensor] = {}
+        self._references: dict[Trial, dict[str, torch.Tensor]] = {}
         self.skipped: list[dict[str, Any]] = []
         if (work_dir / TRIALS_FILE).is_file():
             for record in read_json(work_dir / TRIALS_FILE, what="tuning trials"):
@@ -207,13 +209,17 @@ class _Search:
         self.timed("statistics", time.perf_counter() - start)
 
     def targets(self, layer: int, lr: float, steps: int) -> torch.Tensor:
-        """The requests' target vectors at ``layer``, computed once per setting (cached in the work folder)."""
+        """The requests' target vectors at ``layer``, computed once per setting (cached in the
+        work folder, and in memory: every trial of a setting reads them)."""
+        if (layer, lr, steps) in self._targets:
+            return self._targets[layer, lr, steps]
         start = time.perf_counter()
         hp = dataclasses.replace(self.base, v_lr=lr, v_num_grad_steps=steps)
         targets = compute_targets(self.model, self.tok, self.layout, self.requests, hp, self.templates, layer,
                                   batch_size=self.options.batch_size, fast=self.options.fast, autocast=self.options.autocast,
                                   cache_dir=self.work_dir / "targets").target.double()
         self.timed("target_vectors", time.perf_counter() - start)
+        self._targets[layer, lr, steps] = targets
         return targets
 
     def run(self, stage: str, trial: Trial, reference: Trial | None = None) -> TrialResult | None:
@@ -230,7 +236,7 @@ class _Search:
         with applied(self.model, deltas):
             scores = score_requests(self.model, self.tok, self.cases)
         norm = math.sqrt(sum(float(d.double().norm()) ** 2 for d in deltas.values()))
-        change = update_change(deltas, self.deltas(reference)) if reference is not None else None
+        change = update_change(deltas, self.reference_deltas(reference)) if reference is not None else None
         result = TrialResult(stage, trial, scores["efficacy"], scores["paraphrase"], scores["neighborhood"], scores["score"],
                              scores["magnitude"], norm, scores["per_case"], time.perf_counter() - start, change)
         self.results[trial.key] = result
@@ -239,6 +245,12 @@ class _Search:
         log.info("%s %s: efficacy %.2f paraphrase %.2f neighborhood %.2f Score %.3f (%.0f s)", stage, trial,
                  result.efficacy, result.paraphrase, result.neighborhood, result.score, result.seconds)
         return result
+
+    def reference_deltas(self, trial: Trial) -> dict[str, torch.Tensor]:
+        """The update of ``trial``, computed once for all the trials compared with it."""
+        if trial not in self._references:
+            self._references = {trial: self.deltas(trial)}
+        return self._references[trial]
 
     def deltas(self, trial: Trial) -> dict[str, torch.Tensor]:
         """The trial's MEMIT update (the model is left as it was)."""
