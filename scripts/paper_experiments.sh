@@ -2,9 +2,12 @@
 # Issue 13's experiments on the default model, cases from MEND's counterfact-edit.json:
 #   scaling  MEMIT and AlphaEdit, one batch of 1 .. 10,000 edits (target vectors cached per
 #            request, so each case's z is computed once for the whole curve and both methods);
+#            fluency on every 10th case;
 #   sequential  MEMIT, AlphaEdit and ROME, 2,000 edits in batches of 100, every case so far
 #            scored after 500, 1,000, 1,500 and 2,000 edits (earlier batches reloaded from the
-#            edit cache).
+#            edit cache); fluency on every 5th case.
+# MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
+# rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
 #   nohup bash scripts/paper_experiments.sh [scaling] [sequential] > results/paper.log 2>&1 &
 set -euo pipefail
@@ -15,12 +18,12 @@ for part in "${@:-scaling sequential}"; do
     if [ "$what" = scaling ]; then
       for alg in MEMIT AlphaEdit; do
         .venv/bin/memit scale --alg "$alg" --data-file "$DATA" --num-edits 1,10,100,1000,3000,10000 --min-cases 100 \
-          --use-cache --out results/paper_scaling
+          --generation-interval 10 --use-cache --out results/paper_scaling
       done
     else
       for alg in MEMIT AlphaEdit ROME; do
         .venv/bin/memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \
-          --reuse-edits --use-cache --out results/paper_sequential
+          --generation-interval 5 --reuse-edits --use-cache --out results/paper_sequential
       done
     fi
   done

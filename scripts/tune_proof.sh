@@ -23,9 +23,12 @@ mapped = {**gptj.to_dict(), "layers": layers, "rewrite_module_tmp": None, "layer
 json.dump(mapped, open(sys.argv[1], "w"), indent=2)
 PY
 declare -A HPARAMS=([naive]=SmolLM2-135M-Instruct [gptj]="$OUT/MEMIT_gptj_mapped.json" [tuned]=qwen2.5-coder-0.5b-instruct)
-for name in "${@:-naive gptj tuned}"; do
+mkdir -p "$OUT/.pre_cache"
+for name in "${@:-tuned naive gptj}"; do
   for preset in $name; do
     out="$OUT/$preset"
+    # The three runs score the same unedited model on the same cases: one cache serves them.
+    mkdir -p "$out" && ln -sfn ../.pre_cache "$out/.pre_cache"
     resume=()
     [ -f "$out/MEMIT/run_000/params.json" ] && resume=(--continue-from-run run_000)
     .venv/bin/memit evaluate --model "$MODEL" --hparams "${HPARAMS[$preset]}" --data-file "$DATA/counterfact_subset400.json" \

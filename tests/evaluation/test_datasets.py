@@ -45,7 +45,9 @@ def test_reduced_counterfact_replaces_subject():
     case = cases[0]
     assert case.request.prompt == "The mother tongue of {} is" and case.request.target_true == " French"
     assert case.paraphrase_prompts == ["Where Danielle Darrieux is from, people speak the language of"]
-    assert case.neighborhood_prompts == ["Michel Rocard is a native speaker of"] and case.generation_prompts == []
+    assert case.neighborhood_prompts == ["Michel Rocard is a native speaker of"]
+    # Fluency is generated from the edit prompt and the rephrase (the files have no generation prompts).
+    assert case.generation_prompts == ["The mother tongue of Danielle Darrieux is", case.paraphrase_prompts[0]]
 
 
 def test_full_and_reduced_counterfact_agree():

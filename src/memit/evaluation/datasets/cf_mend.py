@@ -1,5 +1,9 @@
 """The reduced CounterFact files of MEND/EasyEdit: one rephrase and one locality prompt per
-record, the subject written into ``prompt``; not downloadable from the paper's host."""
+record, the subject written into ``prompt``; not downloadable from the paper's host.
+
+The files have no generation prompts; fluency is measured on generations from the edit prompt
+and the rephrase (most rephrases are one of the original generation prompts). Consistency
+needs relation and target ids, which the files lack, so it is not measured."""
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +31,7 @@ def parse_cf_mend(record: Any, index: int) -> CounterFactCase:
         request=get_request(raw, index, ""),
         paraphrase_prompts=[get_field(record, index, "rephrase_prompt")],
         neighborhood_prompts=[get_field(record, index, "locality_prompt")],
+        generation_prompts=[prompt.replace("{}", subject, 1), get_field(record, index, "rephrase_prompt")],
     )
 
 
@@ -38,6 +43,7 @@ CF_MEND = DatasetSpec(
     probes=counterfact_probes,
     scored_pairs=counterfact_pairs,
     training_example=counterfact_training_example,
+    has_generation=True,
     local_files=("counterfact-edit.json", "counterfact_mend/counterfact-edit.json"),
     detect_order=2,
 )
