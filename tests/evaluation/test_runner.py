@@ -119,6 +119,7 @@ def test_sequential_batches_and_reuse_of_a_finished_edit(default_model, fast_hpa
     records = [json.loads(f.read_text()) for f in sorted(run_dir.glob("case_*.json"))]
     assert len(records) == 2
     assert all(len(r["grouped_case_ids"]) == 2 and r["sequential_batches"] == 2 for r in records)
+    assert all(r["update"]["norm"] > 0 and 0 < r["update"]["relative"] < 1 for r in records)
     assert not (run_dir / ".deltas").exists()
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())
@@ -240,3 +241,18 @@ def test_sequential_checkpoints_reuse_the_earlier_batches(default_model, fast_hp
     assert (out / "MEMIT" / "sequential_cf-mend.png").is_file()
     bad = CliRunner().invoke(main, [*args[:4], "1,2", *args[5:]])
     assert bad.exit_code != 0 and "one batch size" in bad.output
+
+
+def test_update_size_is_the_norm_of_the_summed_change():
+    """Sequential batches that cancel out leave no update: the norm is of the total change,
+    not a sum of the batches' norms."""
+    from memit.deltas import WeightDeltas
+    from memit.evaluation.runner import update_size
+
+    layer = torch.nn.Linear(4, 3, bias=False)
+    torch.nn.init.constant_(layer.weight, 2.0)
+    change = torch.full((3, 4), 0.5)
+    first = WeightDeltas({"weight": change}).apply(layer)
+    assert update_size([first]) == pytest.approx({"norm": 0.5 * 12**0.5, "relative": 0.25})
+    second = WeightDeltas({"weight": -change}).apply(layer)
+    assert update_size([first, second])["norm"] == 0.0

@@ -53,7 +53,7 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     (seq / "params.json").write_text(json.dumps(params))
     for case, seconds in ((one / "case_0.json", 3.0), (one / "case_1.json", 4.0)):
         record = json.loads(case.read_text())
-        record.update(grouped_case_ids=[0, 1], time={"edit_seconds": 30.0, "post_seconds": seconds})
+        record.update(grouped_case_ids=[0, 1], time={"edit_seconds": 30.0, "post_seconds": seconds}, update={"norm": 2.0, "relative": 0.0123})
         case.write_text(json.dumps(record))
     chat = _make_run(tmp_path / "run_002", 2, [({**_cf(0.0, 0.0, 0.5), "gen_efficacy": 0.0}, {**_cf(1.0, 1.0, 0.5), "gen_efficacy": 0.5})])
     params = json.loads((chat / "params.json").read_text())
@@ -64,9 +64,9 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     lines = result.output.strip().splitlines()
     assert "| gen. efficacy | (mentioned) | gen. paraphrase | (mentioned) | gen. neighborhood | gen. unchanged | gen. says new |" in lines[0]
     # An unedited row per prompt format, from the first run asked that way.
-    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | - | - | 500.0 | - | - |"
-    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - | - | - |"
-    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | - | - | 400.0 | 30 | 7 |"
+    assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | - | - | 500.0 | - | - | - |"
+    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - | - | - | - |"
+    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | - | - | 400.0 | 0.0123 | 30 | 7 |"
     assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | - | - | 300.0 |")
     assert lines[6].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
 

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
@@ -503,7 +505,9 @@ def _run_group(
                 folder = _deltas_dir(run_dir, group) / f"batch_{k}"
             applied.append(_edit_or_reload(model, tok, editor, folder, batch, requests, applied, hooks))
         edit_seconds = time.perf_counter() - start
-        log.info("Edited %d cases in %.0f s; scoring the edited model", len(group), edit_seconds)
+        update = update_size(applied)
+        log.info("Edited %d cases in %.0f s (update norm %.3g, %.3g of the weights'); scoring the edited model",
+                 len(group), edit_seconds, update["norm"], update["relative"])
         scored = evaluate_cases(model, tok, pending, scoring, _run_spec(config))
         for case, post, seconds in progress(scored, total=len(pending), desc="post-edit scoring", unit="cases", logger=log, leave=False):
             record = {
@@ -514,6 +518,7 @@ def _run_group(
                 **_rewrites(case),
                 "prompt_format": scoring.fmt.name,
                 "time": {"edit_seconds": edit_seconds, "pre_seconds_group": pre_seconds, "post_seconds": seconds},
+                "update": update,
                 "pre": pre[case.case_id],
                 "post": post,
             }
@@ -527,6 +532,21 @@ def _run_group(
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(_deltas_dir(run_dir, group), ignore_errors=True)
+
+
+def update_size(applied: list[WeightDeltas]) -> dict[str, float]:
+    """The Frobenius norm of a group's whole weight change (every batch, every changed matrix)
+    and its ratio to the norm of the unedited matrices: how far a batch size pushes the model."""
+    total: dict[str, torch.Tensor] = {}
+    originals: dict[str, torch.Tensor] = {}
+    for deltas in applied:
+        for name, delta in deltas.deltas.items():
+            # Summed in float32 only when several batches change one matrix (sequential editing).
+            total[name] = total[name].float() + delta.float() if name in total else delta
+            originals.setdefault(name, deltas.original_weights()[name])
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in total.values()))
+    weights = math.sqrt(sum(float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2 for w in originals.values()))
+    return {"norm": norm, "relative": norm / weights if weights else float("nan")}
 
 
 def _rewrites(case: Case) -> dict[str, Any]:

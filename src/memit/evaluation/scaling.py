@@ -96,7 +96,8 @@ def _run_or_continue(config: RunConfig, model: PreTrainedModel, tok: PreTrainedT
 
 
 def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
-    """Efficacy, paraphrase, neighborhood success and Score (post, %) against edits, log x."""
+    """Efficacy, paraphrase, neighborhood success and Score (post, %) against edits, log x; beside
+    it, when the runs recorded it, the update's norm relative to the weights it changes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +106,11 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     configs = [s.params["config"] for s in summaries]
     sequential = any(c.get("sequential_batches", 1) > 1 for c in configs)
     xs = [c["num_edits"] * c.get("sequential_batches", 1) for c in configs]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xlabel = f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "number of edits in one batch"
+    updates = [s.update_relative for s in summaries]
+    with_update = any(u is not None for u in updates)
+    fig, axes = plt.subplots(1, 2 if with_update else 1, figsize=(10 if with_update else 6, 4), dpi=120, squeeze=False)
+    ax = axes[0][0]
     for key, label in CURVES.items():
         ys = [s.value("post", key) for s in summaries]
         if all(y is None for y in ys):
@@ -115,12 +120,21 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     if any(p is not None for p in pre):
         ax.plot(xs, [None if p is None else 100 * p for p in pre], ls="--", color="grey", label="Neighborhood (unedited)")
     ax.set_xscale("log")
-    ax.set_xlabel(f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "number of edits in one batch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
+    if with_update:
+        right = axes[0][1]
+        right.plot(xs, updates, marker="o", color="black")
+        right.set_xscale("log")
+        right.set_yscale("log")
+        right.set_xlabel(xlabel)
+        right.set_ylabel("‖ΔW‖ / ‖W‖ (edited matrices)")
+        right.grid(alpha=0.3, which="both")
+        right.set_title("size of the update", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -82,6 +82,10 @@ class RunSummary:
     consistency_tfidf: str | None = None
     edit_seconds: float = 0.0  # summed over the run's groups
     post_seconds: float = 0.0  # scoring the edited model, summed over cases
+    # The groups' mean update norm, absolute and relative to the changed weights (None for
+    # runs recorded before it was).
+    update_norm: float | None = None
+    update_relative: float | None = None
 
     def score(self, phase: str) -> float | None:
         means = [self.stats[phase].get(k) for k in SUCCESS_KEYS]
@@ -117,6 +121,7 @@ class RunSummary:
         for key in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"):
             out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
         out["consistency_tfidf"] = self.consistency_tfidf
+        out["update_norm"], out["update_relative"] = self.update_norm, self.update_relative
         return out
 
 
@@ -164,8 +169,12 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
             values = [r[phase][key] for r in records if r.get(phase, {}).get(key) is not None]
             if values:
                 summary.stats[phase][key] = Stat(statistics.fmean(values), statistics.pstdev(values), len(values))
-    groups = {tuple(r.get("grouped_case_ids", [r.get("case_id")])): r.get("time", {}).get("edit_seconds", 0.0) for r in records}
-    summary.edit_seconds = sum(groups.values())
+    groups = {tuple(r.get("grouped_case_ids", [r.get("case_id")])): r for r in records}
+    summary.edit_seconds = sum(r.get("time", {}).get("edit_seconds", 0.0) for r in groups.values())
+    updates = [r["update"] for r in groups.values() if "update" in r]
+    if updates:
+        summary.update_norm = statistics.fmean(u["norm"] for u in updates)
+        summary.update_relative = statistics.fmean(u["relative"] for u in updates)
     summary.post_seconds = sum(r.get("time", {}).get("post_seconds", 0.0) for r in records)
     sources = {r["post"].get("consistency_tfidf") for r in records if r.get("post", {}).get("consistency_tfidf")}
     summary.consistency_tfidf = ",".join(sorted(sources)) or None
@@ -239,19 +248,21 @@ def format_comparison(summaries: list[RunSummary]) -> str:
         values = [summary.value(phase, key) for _, key in columns]
         return ["-" if v is None else f"{100 * v:.1f}" for v in values]
 
-    head = ["method", "edits", "prompts", "cases", *(label for label, _ in columns), "edit s", "scoring s"]
+    head = ["method", "edits", "prompts", "cases", *(label for label, _ in columns), "‖ΔW‖/‖W‖", "edit s", "scoring s"]
     rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
     # The unedited model scores differently under each prompt format: a row for each.
     first_of_format: dict[str, RunSummary] = {}
     for s in summaries:
         first_of_format.setdefault(prompt_format_of(s.params), s)
     for fmt, first in first_of_format.items():
-        rows.append(["unedited", "-", fmt, str(first.num_cases), *cells(first, "pre"), "-", "-"])
+        rows.append(["unedited", "-", fmt, str(first.num_cases), *cells(first, "pre"), "-", "-", "-"])
     for s in summaries:
         config = s.params.get("config", {})
         batches = config.get("sequential_batches", 1)
         edits = f"{config.get('num_edits')}" if batches == 1 else f"{batches} x {config.get('num_edits')} sequential"
-        rows.append([str(config.get("alg")), edits, prompt_format_of(s.params), str(s.num_cases), *cells(s, "post"), f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
+        update = "-" if s.update_relative is None else f"{s.update_relative:.3g}"
+        rows.append([str(config.get("alg")), edits, prompt_format_of(s.params), str(s.num_cases), *cells(s, "post"), update,
+                     f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
