@@ -120,6 +120,10 @@ def test_sequential_batches_and_reuse_of_a_finished_edit(default_model, fast_hpa
     assert len(records) == 2
     assert all(len(r["grouped_case_ids"]) == 2 and r["sequential_batches"] == 2 for r in records)
     assert all(r["update"]["norm"] > 0 and 0 < r["update"]["relative"] < 1 for r in records)
+    # The first case was written by the run that optimised the target vectors, the second by the
+    # continued run that reloaded the edits.
+    seconds = {r["case_id"]: r["time"]["target_seconds"] for r in records}
+    assert seconds[json.loads(first.read_text())["case_id"]] > 0 and min(seconds.values()) == 0
     assert not (run_dir / ".deltas").exists()
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())

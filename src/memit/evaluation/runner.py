@@ -506,6 +506,9 @@ def _run_group(
             applied.append(_edit_or_reload(model, tok, editor, folder, batch, requests, applied, hooks))
         edit_seconds = time.perf_counter() - start
         update = update_size(applied)
+        # Of the edit time, what the target vectors took (near nothing when cached; the
+        # scaling curve's cache saving is read from it).
+        target_seconds = sum(d.timings.get("target_vectors", 0.0) for d in applied)
         log.info("Edited %d cases in %.0f s (update norm %.3g, %.3g of the weights'); scoring the edited model",
                  len(group), edit_seconds, update["norm"], update["relative"])
         scored = evaluate_cases(model, tok, pending, scoring, _run_spec(config))
@@ -517,7 +520,8 @@ def _run_group(
                 "grouped_case_ids": [c.case_id for c in group],
                 **_rewrites(case),
                 "prompt_format": scoring.fmt.name,
-                "time": {"edit_seconds": edit_seconds, "pre_seconds_group": pre_seconds, "post_seconds": seconds},
+                "time": {"edit_seconds": edit_seconds, "target_seconds": target_seconds, "pre_seconds_group": pre_seconds,
+                         "post_seconds": seconds},
                 "update": update,
                 "pre": pre[case.case_id],
                 "post": post,
