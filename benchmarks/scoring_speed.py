@@ -3,7 +3,7 @@
     python benchmarks/scoring_speed.py [--cases 48] [--threads 1] [--model default]
 
 The paper's way (the reference): each case on its own, every prompt + target as one sequence,
-the vocabulary head at every position. memit's way: cases in chunks of 12 (as the evaluation
+the vocabulary head at every position. memit's way: cases in chunks of 48 (as the evaluation
 runner scores them), each distinct prompt run once with its keys and values reused for both
 targets, prompts batched by length, the vocabulary head only where read. Both score the same
 cases on the same unedited model; the benchmark checks that every (prompt, target) NLL
@@ -24,7 +24,7 @@ import torch
 from memit import load_model
 from memit.evaluation.datasets import load_cases
 from memit.evaluation.metrics_counterfact import counterfact_pairs
-from memit.evaluation.runner import CASES_PER_GENERATION_BATCH
+from memit.evaluation.runner import CASES_PER_CHUNK
 from memit.predict import prefetched_scores, score_continuations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def reference(model, tok, cases) -> list[float]:
 def memit_way(model, tok, cases) -> list[float]:
     """The same through the evaluation's path: chunks of cases prefetched together."""
     nlls = []
-    for start in range(0, len(cases), CASES_PER_GENERATION_BATCH):
-        chunk = cases[start : start + CASES_PER_GENERATION_BATCH]
+    for start in range(0, len(cases), CASES_PER_CHUNK):
+        chunk = cases[start : start + CASES_PER_CHUNK]
         pairs = [p for c in chunk for p in counterfact_pairs(c)]
         with prefetched_scores(model, tok, list(dict.fromkeys(pairs))):
             for case in chunk:
@@ -80,7 +80,7 @@ def main() -> None:
         "speedup": round(timings["reference"] / timings["memit"], 2), "max_nll_difference": worst, "success_decisions_differing": decisions,
     }
     print(f"reference (one case at a time, joined sequences): {report['reference_s_per_case']} s per case")
-    print(f"memit (12 cases together, shared prompts, head where read): {report['memit_s_per_case']} s per case")
+    print(f"memit ({CASES_PER_CHUNK} cases together, shared prompts, head where read): {report['memit_s_per_case']} s per case")
     print(f"speed-up {report['speedup']}x; largest NLL difference {worst:.2e}; success decisions differing: {decisions}")
     if worst > 1e-3 or decisions:
         raise SystemExit("the two ways disagree")

@@ -76,12 +76,28 @@ def score_continuations(
         rows_of[prompt].append(row)
     results: list[Continuation | None] = [None] * len(prompts)
     unique.sort(key=lambda p: len(prompt_ids[p]))
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start : start + batch_size]
+    for chunk in _similar_length_batches(unique, [len(prompt_ids[p]) for p in unique], batch_size):
         rows = [(i, r) for i, p in enumerate(chunk) for r in rows_of[p]]
         for (_, r), scored in zip(rows, _score_after_prompts(model, tok, [prompt_ids[p] for p in chunk], rows, cont_ids)):
             results[r] = scored
     return results  # type: ignore[return-value]
+
+
+def _similar_length_batches(items: list[str], lengths: list[int], batch_size: int, max_padding: float = 0.1,
+                            min_rows: int = 8) -> Iterator[list[str]]:
+    """Consecutive runs of ``items`` (sorted by length) of at most ``batch_size``, cut early once
+    a batch has ``min_rows`` and the next item would make padding more than ``max_padding`` of
+    its tokens: CounterFact prompts run from 5 to 40 tokens, and fixed batches of 64 computed
+    half again as many padded positions as real ones."""
+    start, real = 0, 0
+    for end, length in enumerate(lengths):
+        rows = end - start
+        if rows and (rows >= batch_size or (rows >= min_rows and (rows + 1) * length > (1 + max_padding) * (real + length))):
+            yield items[start:end]
+            start, real = end, 0
+        real += length
+    if start < len(items):
+        yield items[start:]
 
 
 def _score_after_prompts(

@@ -219,3 +219,17 @@ def test_cases_scored_in_shared_batches_equal_one_case_at_a_time(default_model, 
             for x, y in zip(prompts, b["prompts"][group]):
                 assert (x["nll_new"], x["nll_true"]) == pytest.approx((y["nll_new"], y["nll_true"]), abs=1e-4)
         assert all(a[k] == b[k] for k in a if k.endswith("_success"))
+
+
+def test_prompts_are_batched_by_length_with_little_padding():
+    """Sorted prompts are cut into consecutive batches, at most ``batch_size`` each; once a batch
+    has ``min_rows`` it ends before an item that would pad it beyond 10%."""
+    from memit.predict import _similar_length_batches
+
+    lengths = [5] * 10 + [6] * 3 + [20] * 2 + [40]
+    items = [f"p{i}" for i in range(len(lengths))]
+    batches = list(_similar_length_batches(items, lengths, batch_size=12))
+    assert [b for batch in batches for b in batch] == items
+    sizes = [[lengths[items.index(b)] for b in batch] for batch in batches]
+    assert sizes == [[5] * 10, [6, 6, 6, 20, 20, 40]]  # a 6 would pad the first by 18%; the second is under min_rows (8)
+    assert all(len(b) <= 4 for b in _similar_length_batches(items, lengths, batch_size=4))
