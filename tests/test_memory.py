@@ -134,3 +134,38 @@ def test_one_pass_gives_the_statistics_of_several_corpus_sizes(default_model, tm
             torch.testing.assert_close(cached[layer].double(), alone[layer], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(cache.get(model, tok, layout, [3], corpus, 6, max_tokens=64)[3],
                               cache.get(model, tok, layout, [3], corpus, 12, max_tokens=64)[3])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_statistics_pass_continues_from_its_last_save(default_model, tmp_path, caplog):
+    from memit.stats import SecondMomentCache
+    from memit.stats.corpus import Corpus
+
+    model, tok = default_model
+    layout = ModelLayout.from_model(model)
+    corpus = load_corpus("wikipedia-sample")
+
+    def killed_at_the_15th_text():
+        for i, text in enumerate(corpus.texts()):
+            if i == 15:
+                raise _Killed
+            yield text
+
+    cache = SecondMomentCache(tmp_path)
+    # 20 samples: the running sums are saved after every 2 (ten saves a pass); the pass dies
+    # reading sample 15, so the last save holds the first 14.
+    with pytest.raises(_Killed):
+        cache.ensure(model, tok, layout, [3, 6], Corpus(corpus.identity, killed_at_the_15th_text), [10, 20], max_tokens=64)
+    assert len(list(tmp_path.rglob("partial_*.safetensors"))) == 1
+    assert sorted(p.name.split("_n")[1].split("_")[0] for p in tmp_path.rglob("*down_proj*")) == ["10", "10"]
+    with caplog.at_level("INFO", logger="memit.stats.second_moment"):
+        cache.ensure(model, tok, layout, [3, 6], corpus, [10, 20], max_tokens=64)
+    assert "continuing from the 14 samples" in caplog.text
+    assert not list(tmp_path.rglob("partial_*"))
+    whole, _ = collect_second_moments(model, tok, layout, [3, 6], corpus.texts(), 20, 64)
+    resumed = cache.get(model, tok, layout, [3, 6], corpus, 20, max_tokens=64)
+    for layer in (3, 6):
+        torch.testing.assert_close(resumed[layer].double(), whole[layer], atol=1e-6, rtol=1e-5)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -49,6 +51,18 @@ DEFAULT_BATCH_TOKENS = 8192
 
 # Given the float64 running sums per layer and the token count so far.
 Snapshot = Callable[[dict[int, torch.Tensor], int], None]
+# A pass saves its running sums this many times, so that a killed pass resumes from the last.
+CHECKPOINTS_PER_PASS = 10
+
+
+@dataclass
+class PartialSums:
+    """The running sums (float64, not yet divided) and token count of the first ``samples``
+    corpus samples: where a pass that was cut short resumes."""
+
+    sums: dict[int, torch.Tensor]
+    count: int
+    samples: int
 
 
 def check_batch_tokens(max_tokens: int, batch_tokens: int) -> None:
@@ -90,6 +104,7 @@ def collect_second_moments(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     autocast: bool = False,
     snapshots: Mapping[int, Snapshot] | None = None,
+    start: PartialSums | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Second moments of the MLP-output-projection inputs at ``layers`` (float64), from one
     forward pass per batch that stops after the last layer needed; and the token count.
@@ -103,19 +118,25 @@ def collect_second_moments(
     pass yields the statistics of several corpus sizes.
 
     In a torch.distributed group each process counts every ``world_size``-th sample and the
-    sums are added up across processes (at each snapshot too); every process gets the result."""
+    sums are added up across processes (at each snapshot too); every process gets the result.
+
+    ``start``: continue a pass from its partial sums (the first ``start.samples`` samples are
+    skipped; in a torch.distributed group the main process holds the partial sums)."""
     check_batch_tokens(max_tokens, batch_tokens)
     names = {layer: layout.mlp_out_name(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
-    count = 0
-    snapshots = {n: f for n, f in (snapshots or {}).items() if n < n_samples}
-    bar = progress(total=-(-n_samples // distributed.world_size()), desc="key statistics", unit="samples", logger=log)
-    for batch in _segmented_batches(tok, iter(texts), [*sorted(snapshots), n_samples], max_tokens, batch_tokens):
+    done = start.samples if start is not None else 0
+    resumed = dict(start.sums) if start is not None and distributed.is_main() else {}
+    count = start.count if start is not None and distributed.is_main() else 0
+    snapshots = {n: f for n, f in (snapshots or {}).items() if done < n < n_samples}
+    bar = progress(total=-(-(n_samples - done) // distributed.world_size()), desc="key statistics", unit="samples", logger=log)
+    for batch in _segmented_batches(tok, iter(texts), [*sorted(snapshots), n_samples], max_tokens, batch_tokens, done):
         if isinstance(batch, int):
             total = _summed_count(count)
             if total == 0:
                 raise InputError("mom2_dataset: the corpus yielded no tokens")
-            reduced = {layer: distributed.all_reduce_sum(s.clone()) for layer, s in sums.items()} if distributed.is_distributed() else sums
+            current = {**resumed, **sums}
+            reduced = {layer: distributed.all_reduce_sum(s.clone()) for layer, s in current.items()} if distributed.is_distributed() else current
             snapshots[batch](reduced, total)
             del reduced
             continue
@@ -135,12 +156,15 @@ def collect_second_moments(
             if layer not in sums:
                 device = _accumulator_device(gram.device, len(names), gram.shape[0])
                 sums[layer] = torch.zeros(gram.shape, dtype=torch.float64, device=device)
+                if layer in resumed:
+                    sums[layer].add_(resumed.pop(layer).to(device))
             # In-place float32 -> float64 add: the same numbers as gram.double(), without the copy.
             sums[layer].add_(gram.to(sums[layer].device))
             del gram
         count += int(mask.sum())
         bar.update(len(mask))
     bar.close()
+    sums.update(resumed)  # layers no batch reached after the resumption
     count = _summed_count(count)
     if count == 0:
         raise InputError("mom2_dataset: the corpus yielded no tokens")
@@ -182,11 +206,13 @@ def _tokenize_prefix(tok: PreTrainedTokenizerBase, text: str, max_tokens: int) -
 
 
 def _segmented_batches(
-    tok: PreTrainedTokenizerBase, texts: Iterator[str], ends: list[int], max_tokens: int, batch_tokens: int
+    tok: PreTrainedTokenizerBase, texts: Iterator[str], ends: list[int], max_tokens: int, batch_tokens: int, start: int = 0
 ) -> Iterator[dict[str, torch.Tensor] | int]:
-    """The batches of this process's share of the first ``ends[-1]`` texts, yielding each
-    earlier end (a sample count) once the batches before it are out; no batch straddles an end."""
-    start, rank, world = 0, distributed.rank(), distributed.world_size()
+    """The batches of this process's share of the texts from ``start`` to ``ends[-1]``, yielding
+    each earlier end (a sample count) once the batches before it are out; no batch straddles an end."""
+    rank, world = distributed.rank(), distributed.world_size()
+    for _ in islice(texts, start):
+        pass
     for end in ends:
         own = (text for i, text in enumerate(islice(texts, end - start), start) if i % world == rank)
         yield from _token_batches(tok, own, max_tokens, batch_tokens)
@@ -259,13 +285,20 @@ class SecondMomentCache:
     ) -> None:
         """Compute and save whatever is missing of the statistics over the first ``n`` samples
         for every ``n`` in ``sizes``, in one pass over the largest (in a torch.distributed
-        group, split across the processes; rank 0 writes the files)."""
+        group, split across the processes; rank 0 writes the files). The pass saves its running
+        sums ten times along the way, and a pass that was killed continues from the last save."""
         distributed.barrier()  # every process sees the same files missing
         paths = {n: self._paths(model, tok, layout, layers, corpus, n, max_tokens, dtype, autocast) for n in sizes}
         missing = sorted({layer for n in sizes for layer, path in paths[n].items() if not path.is_file()})
         if not missing:
             return
         largest = max(n for n in sizes if any(not p.is_file() for p in paths[n].values()))
+        partial_path = self._partial_path(model, corpus, missing, largest, max_tokens or _context_length(model, tok), dtype, autocast)
+        start = _load_partial(partial_path, missing)
+        if start is not None and any(not paths[n][layer].is_file() for n in sizes if n <= start.samples for layer in missing):
+            start = None  # the partial pass was made for other sizes: one of these would be skipped
+        if start is not None:
+            log.info("Key statistics: continuing from the %d samples counted before (%s)", start.samples, partial_path)
 
         def save(n: int, sums: dict[int, torch.Tensor], count: int, divide: bool = True) -> None:
             if not distributed.is_main():
@@ -276,14 +309,35 @@ class SecondMomentCache:
                     with atomic_path(paths[n][layer]) as tmp:
                         save_file({"mom2": moment.to(STATS_DTYPES[dtype]).contiguous()}, str(tmp), metadata={"tokens": str(count)})
 
+        def checkpoint(n: int, sums: dict[int, torch.Tensor], count: int) -> None:
+            if n in sizes:
+                save(n, sums, count)
+            if distributed.is_main() and n in checkpoints:
+                with atomic_path(partial_path) as tmp:
+                    save_file({f"layer{layer}": sums[layer].cpu().contiguous() for layer in missing}, str(tmp),
+                              metadata={"tokens": str(count), "samples": str(n)})
+
+        step = max(1, largest // CHECKPOINTS_PER_PASS)
+        checkpoints = set(range(step, largest, step))
         log.info("Computing key statistics for layers %s over %s (%s samples)", missing, corpus.identity, sorted(sizes))
-        snapshots = {n: functools.partial(save, n) for n in sizes if n < largest}
+        snapshots = {n: functools.partial(checkpoint, n) for n in {*sizes, *checkpoints} if n < largest}
         moments, count = collect_second_moments(
             model, tok, layout, missing, corpus.texts(), largest, max_tokens or _context_length(model, tok),
-            batch_tokens or DEFAULT_BATCH_TOKENS, autocast=autocast, snapshots=snapshots,
+            batch_tokens or DEFAULT_BATCH_TOKENS, autocast=autocast, snapshots=snapshots, start=start,
         )
         save(largest, moments, count, divide=False)
+        if distributed.is_main():
+            partial_path.unlink(missing_ok=True)
         distributed.barrier()  # the files rank 0 writes are read by every process
+
+    def _partial_path(
+        self, model: PreTrainedModel, corpus: Corpus, layers: list[int], n_samples: int, max_tokens: int, dtype: str, autocast: bool
+    ) -> Path:
+        """The running sums of an unfinished pass over these layers towards ``n_samples``."""
+        layer_part = "-".join(map(str, layers))
+        return self.root / model_fingerprint(model) / corpus.identity / (
+            f"partial_layers{layer_part}_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
+        )
 
     def _paths(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, layers: list[int], corpus: Corpus,
@@ -293,6 +347,15 @@ class SecondMomentCache:
         folder = self.root / model_fingerprint(model) / corpus.identity
         suffix = f"_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
         return {layer: folder / f"{layout.mlp_out_name(layer)}{suffix}" for layer in layers}
+
+
+def _load_partial(path: Path, layers: list[int]) -> PartialSums | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        sums = {layer: f.get_tensor(f"layer{layer}") for layer in layers}
+    return PartialSums(sums, int(meta["tokens"]), int(meta["samples"]))
 
 
 def _context_length(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> int:
