@@ -49,6 +49,22 @@ def test_candidate_windows_end_at_centre_on_and_start_at_the_peak():
         candidate_windows(EFFECT, 31)
 
 
+def test_a_refinement_keeps_the_current_setting_unless_beaten_beyond_noise():
+    from memit.tuning.search import Trial, TrialResult, _Search
+
+    def result(steps: int, per_case: list[float], norm: float) -> TrialResult:
+        score = sum(per_case) / len(per_case)
+        return TrialResult("z", Trial((4, 5), 0.5, steps, 1000.0, 100), score, score, score, score, 0.0, norm, per_case, 1.0)
+
+    current = result(25, [1.0, 0.5, 0.5, 1.0] * 10, 10.0)
+    slightly_better = result(40, [1.0, 0.5, 0.5, 1.0] * 9 + [1.0, 1.0, 0.5, 1.0], 10.5)  # one case of forty
+    assert _Search.refine(current, [slightly_better, None]) is current
+    clearly_better = result(15, [1.0] * 40, 12.0)
+    assert _Search.refine(current, [slightly_better, clearly_better]) is clearly_better
+    smaller_update = dataclasses.replace(current, trial=dataclasses.replace(current.trial, v_lr=1.0), update_norm=9.0)
+    assert _Search.refine(current, [smaller_update]) is smaller_update
+
+
 def test_tuning_cases_leave_out_the_evaluation_files(tiny):
     cases, _ = load_tuning_cases(tiny[1], TRAIN, None, [COUNTERFACT], count=50)
     evaluation = json.loads(COUNTERFACT.read_text())

@@ -8,6 +8,8 @@ edit. The stages, each starting from the best setting so far:
    :attr:`TuneConfig.lambdas`;
 2. ``lambda``: λ refined around the best value;
 3. ``z``: the target-vector optimisation's learning rate and step count;
+   (in these two refinements a challenger replaces the current setting only when its per-case
+   success is higher beyond two standard errors, or equal with a smaller update);
 4. ``samples``: the statistics size, the smallest within noise of the largest whose update
    stays within :data:`MAX_UPDATE_CHANGE` of the largest's.
 
@@ -157,12 +159,24 @@ def score_requests(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cases: 
     }
 
 
+def _paired_success(candidate: TrialResult, reference: TrialResult) -> tuple[float, float]:
+    """Mean and standard error of the per-case differences in mean success."""
+    diffs = [c - r for c, r in zip(candidate.per_case, reference.per_case)]
+    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.fmean(diffs), stderr
+
+
+def beyond_noise(candidate: TrialResult, reference: TrialResult) -> bool:
+    """``candidate``'s per-case mean success exceeds ``reference``'s by more than two standard
+    errors of the paired differences."""
+    mean, stderr = _paired_success(candidate, reference)
+    return mean > 2 * stderr
+
+
 def within_noise(candidate: TrialResult, reference: TrialResult) -> bool:
     """``candidate`` is no worse than ``reference`` beyond two standard errors of the paired
     per-case differences in mean success (exactly equal cases count as no difference)."""
-    diffs = [c - r for c, r in zip(candidate.per_case, reference.per_case)]
-    mean = statistics.fmean(diffs)
-    stderr = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    mean, stderr = _paired_success(candidate, reference)
     return mean >= -2 * stderr
 
 
@@ -265,9 +279,21 @@ class _Search:
 
         return write_over_layers(self.model, self.tok, self.layout, self.requests, layers, targets, self.templates, solve)
 
-    def best(self, results: list[TrialResult | None], current: TrialResult | None = None) -> TrialResult | None:
-        found = [r for r in (current, *results) if r is not None]
+    def best(self, results: list[TrialResult | None]) -> TrialResult | None:
+        found = [r for r in results if r is not None]
         return max(found, key=lambda r: r.rank) if found else None
+
+    @staticmethod
+    def refine(current: TrialResult, results: list[TrialResult | None]) -> TrialResult:
+        """The current setting, unless a challenger beats it beyond noise or ties it exactly with
+        a smaller update: a refinement stage compares several settings with the current one,
+        and taking the highest on a gain within noise chases noise."""
+        def displaces(r: TrialResult) -> bool:
+            tied = r.rank[:2] == current.rank[:2]
+            return (tied and r.rank > current.rank) or (r.rank > current.rank and beyond_noise(r, current))
+
+        challengers = [r for r in results if r is not None and displaces(r)]
+        return max(challengers, key=lambda r: r.rank) if challengers else current
 
 
 def tune(
@@ -313,12 +339,12 @@ def tune(
     if best is None:
         raise InputError("budget_minutes: the budget ended before the first trial; give the tuning more time")
     t = best.trial
-    best = search.best([search.run("lambda", dataclasses.replace(t, mom2_update_weight=t.mom2_update_weight * f))
-                        for f in config.lambda_refinements], best)
+    best = search.refine(best, [search.run("lambda", dataclasses.replace(t, mom2_update_weight=t.mom2_update_weight * f))
+                                for f in config.lambda_refinements])
     t = best.trial
     z_settings = [(t.v_lr * f, t.v_num_grad_steps) for f in config.lr_factors]
     z_settings += [(t.v_lr, max(1, round(t.v_num_grad_steps * f))) for f in config.step_factors]
-    best = search.best([search.run("z", dataclasses.replace(t, v_lr=lr_, v_num_grad_steps=s)) for lr_, s in z_settings], best)
+    best = search.refine(best, [search.run("z", dataclasses.replace(t, v_lr=lr_, v_num_grad_steps=s)) for lr_, s in z_settings])
     t = best.trial
     by_size = {n: search.run("samples", dataclasses.replace(t, mom2_n_samples=n), reference=t) for n in sorted(config.sample_sizes) if n != largest}
     by_size[largest] = best
