@@ -6,17 +6,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 from pathlib import Path
 
-KEYS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+from memit.evaluation.summary import SUCCESS_KEYS as KEYS
+from memit.evaluation.summary import load_case_records
 
 
 def post_successes(run: Path) -> dict[object, tuple[float, ...]]:
-    cases = (json.loads(f.read_text()) for f in run.glob("case_*.json"))
-    return {c["case_id"]: tuple(c["post"][k] for k in KEYS) for c in cases}
+    return {c["case_id"]: tuple(c["post"][k] for k in KEYS) for c in load_case_records(run)}
 
 
 def score(runs: dict[object, tuple[float, ...]], ids: list) -> float:

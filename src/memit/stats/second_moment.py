@@ -335,18 +335,23 @@ class SecondMomentCache:
     ) -> Path:
         """The running sums of an unfinished pass over these layers towards ``n_samples``."""
         layer_part = "-".join(map(str, layers))
-        return self.root / model_fingerprint(model) / corpus.identity / (
-            f"partial_layers{layer_part}_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
-        )
+        return self._folder(model, corpus) / f"partial_layers{layer_part}_n{n_samples}_t{max_tokens}_{dtype}{_autocast_suffix(autocast)}.safetensors"
+
+    def _folder(self, model: PreTrainedModel, corpus: Corpus) -> Path:
+        return self.root / model_fingerprint(model) / corpus.identity
 
     def _paths(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, layers: list[int], corpus: Corpus,
         n_samples: int, max_tokens: int | None, dtype: str, autocast: bool,
     ) -> dict[int, Path]:
         max_tokens = max_tokens or _context_length(model, tok)
-        folder = self.root / model_fingerprint(model) / corpus.identity
-        suffix = f"_n{n_samples}_t{max_tokens}_{dtype}{'_bf16ac' if autocast else ''}.safetensors"
+        folder = self._folder(model, corpus)
+        suffix = f"_n{n_samples}_t{max_tokens}_{dtype}{_autocast_suffix(autocast)}.safetensors"
         return {layer: folder / f"{layout.mlp_out_name(layer)}{suffix}" for layer in layers}
+
+
+def _autocast_suffix(autocast: bool) -> str:
+    return "_bf16ac" if autocast else ""
 
 
 def _load_partial(path: Path, layers: list[int]) -> PartialSums | None:
