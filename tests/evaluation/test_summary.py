@@ -9,13 +9,13 @@ from click.testing import CliRunner
 
 from memit.cli import main
 from memit.evaluation.runner import RunConfig
-from memit.evaluation.scaling import cases_for, find_run, plot_scaling
+from memit.evaluation.scaling import cases_for, find_run, plot_scaling, scaling_series
 from memit.evaluation.summary import format_table, summarize_run
 
 
-def _make_run(folder, num_edits, cases, dataset="cf"):
+def _make_run(folder, num_edits, cases, dataset="cf", alg="MEMIT"):
     folder.mkdir(parents=True)
-    config = {"alg": "MEMIT", "model": "default", "dataset": dataset, "num_edits": num_edits, "sequential_batches": 1}
+    config = {"alg": alg, "model": "default", "dataset": dataset, "num_edits": num_edits, "sequential_batches": 1}
     (folder / "params.json").write_text(json.dumps({"config": config, "hparams": {}}))
     for i, (pre, post) in enumerate(cases):
         (folder / f"case_{i}.json").write_text(json.dumps({"case_id": i, "pre": pre, "post": post}))
@@ -105,6 +105,29 @@ def test_scaling_plot_and_run_reuse(tmp_path):
     assert find_run(config, {"a": 1}) == run
     assert find_run(config, {"a": 2}) is None
     assert find_run(RunConfig(dataset="cf-mend", data_file="/x.json", num_edits=100, limit=100, out=str(out)), {"a": 1}) is None
+
+
+def test_methods_share_the_scaling_panels(tmp_path):
+    """`memit summarize --compare --plot`: a row and a line per method and batch size, the
+    unedited line from the method with most points, panels only for what the runs recorded."""
+    runs = []
+    for alg, sizes in (("MEMIT", (100, 1, 10)), ("AlphaEdit", (1, 10))):
+        for n in sizes:
+            post = _cf(1.0, 0.5, 0.7 if alg == "MEMIT" else 0.6, flu=5.0)
+            runs.append(_make_run(tmp_path / alg / f"run_{n:03d}", n, [(_cf(0.0, 0.0, 0.8 - n / 1000, flu=6.0), post)], alg=alg))
+    series = scaling_series([summarize_run(r) for r in runs])
+    assert list(series) == ["efficacy_success", "paraphrase_success", "neighborhood_success", "fluency"]
+    neighborhood = series["neighborhood_success"]
+    assert neighborhood["MEMIT"] == ([1, 10, 100], [70.0, 70.0, 70.0])
+    assert neighborhood["AlphaEdit"] == ([1, 10], [60.0, 60.0])
+    assert neighborhood["unedited"] == ([1, 10, 100], pytest.approx([79.9, 79.0, 70.0]))
+    assert series["fluency"]["MEMIT"][1] == [500.0] * 3
+    png = tmp_path / "both.png"
+    result = CliRunner().invoke(main, ["summarize", "--compare", "--plot", str(png), *map(str, runs)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in result.output.splitlines() if line.startswith(("| MEMIT", "| AlphaEdit"))]
+    assert len(rows) == 5
 
 
 def test_neighborhood_answers_compared_with_the_unedited_model(tmp_path):

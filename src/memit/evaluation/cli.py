@@ -75,11 +75,16 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_templa
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per run instead of tables.")
 @click.option("--compare", is_flag=True, help="Print one Markdown table with a row per run (post-edit means) instead.")
-def summarize(run_dirs, as_json, compare):
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw the runs' metrics against their number of edits, a line per method, into this PNG.")
+def summarize(run_dirs, as_json, compare, plot_path):
     """Mean ± std of each metric over the cases of each run, before (pre) and after (post)."""
+    from memit.evaluation.scaling import plot_scaling
     from memit.evaluation.summary import format_comparison, format_table, summaries_json, summarize_run
 
     summaries = [summarize_run(d) for d in run_dirs]
+    if plot_path:
+        plot_scaling(summaries, plot_path)
     if as_json:
         click.echo(summaries_json(summaries))
     elif compare:

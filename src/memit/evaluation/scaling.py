@@ -17,12 +17,13 @@ from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-CURVES = {
-    "efficacy_success": "Efficacy",
-    "paraphrase_success": "Paraphrase",
-    "neighborhood_success": "Neighborhood",
-    "score": "Score",
-}
+PANELS = (
+    ("efficacy_success", "Efficacy success (%)"),
+    ("paraphrase_success", "Paraphrase success (%)"),
+    ("neighborhood_success", "Neighborhood success (%)"),
+    ("fluency", "Fluency (n-gram entropy x 100)"),
+    ("update_relative", "‖ΔW‖ / ‖W‖ (edited matrices)"),
+)
 
 
 def cases_for(num_edits: int, min_cases: int) -> int:
@@ -95,46 +96,68 @@ def _run_or_continue(config: RunConfig, model: PreTrainedModel, tok: PreTrainedT
     return summarize_run(run_evaluation(config, model, tok, hp, options))
 
 
+Series = dict[str, dict[str, tuple[list[int], list[float | None]]]]
+
+
+def scaling_series(summaries: list[RunSummary]) -> Series:
+    """Panel (metric key) -> line (method, or "unedited") -> (edits, values x 100), for the
+    panels of :data:`PANELS` that some run recorded. The unedited line comes from the runs of
+    the method with the most points (the pre-edit scores of their cases)."""
+    by_method: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        by_method.setdefault(str(s.params["config"].get("alg")), []).append(s)
+    for runs in by_method.values():
+        runs.sort(key=_edits_so_far)
+    widest = max(by_method.values(), key=len)
+
+    def line(runs: list[RunSummary], phase: str, key: str) -> tuple[list[int], list[float | None]]:
+        if key == "update_relative":
+            ys = [s.update_relative if phase == "post" else None for s in runs]
+        else:
+            ys = [None if (v := s.value(phase, key)) is None else 100 * v for s in runs]
+        return [_edits_so_far(s) for s in runs], ys
+
+    series: Series = {}
+    for key, _ in PANELS:
+        lines = {method: line(runs, "post", key) for method, runs in by_method.items()}
+        if all(y is None for _, ys in lines.values() for y in ys):
+            continue
+        pre = line(widest, "pre", key)
+        if any(y is not None for y in pre[1]):
+            lines["unedited"] = pre
+        series[key] = lines
+    return series
+
+
 def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
-    """Efficacy, paraphrase, neighborhood success and Score (post, %) against edits, log x; beside
-    it, when the runs recorded it, the update's norm relative to the weights it changes."""
+    """One panel per metric against the number of edits (log x), a line per method
+    (:func:`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = scaling_series(summaries)
     configs = [s.params["config"] for s in summaries]
     sequential = any(c.get("sequential_batches", 1) > 1 for c in configs)
-    xs = [c["num_edits"] * c.get("sequential_batches", 1) for c in configs]
-    xlabel = f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "number of edits in one batch"
-    updates = [s.update_relative for s in summaries]
-    with_update = any(u is not None for u in updates)
-    fig, axes = plt.subplots(1, 2 if with_update else 1, figsize=(10 if with_update else 6, 4), dpi=120, squeeze=False)
-    ax = axes[0][0]
-    for key, label in CURVES.items():
-        ys = [s.value("post", key) for s in summaries]
-        if all(y is None for y in ys):
-            continue
-        ax.plot(xs, [None if y is None else 100 * y for y in ys], marker="o", label=label)
-    pre = [s.value("pre", "neighborhood_success") for s in summaries]
-    if any(p is not None for p in pre):
-        ax.plot(xs, [None if p is None else 100 * p for p in pre], ls="--", color="grey", label="Neighborhood (unedited)")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    if with_update:
-        right = axes[0][1]
-        right.plot(xs, updates, marker="o", color="black")
-        right.set_xscale("log")
-        right.set_yscale("log")
-        right.set_xlabel(xlabel)
-        right.set_ylabel("‖ΔW‖ / ‖W‖ (edited matrices)")
-        right.grid(alpha=0.3, which="both")
-        right.set_title("size of the update", fontsize=9)
+    xlabel = f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "edits in one batch"
+    labels = dict(PANELS)
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 3.4), dpi=120, squeeze=False)
+    for ax, (key, lines) in zip(axes[0], series.items()):
+        for name, (xs, ys) in lines.items():
+            style = {"ls": "--", "color": "grey"} if name == "unedited" else {"marker": "o", "ms": 3}
+            ax.plot(xs, ys, label=name, **style)
+        ax.set_xscale("log")
+        if key == "update_relative":
+            ax.set_yscale("log")
+        elif key != "fluency":
+            ax.set_ylim(0, 102)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(labels[key], fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -143,4 +166,9 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     return path
 
 
-__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling", "run_sequential"]
+def _edits_so_far(summary: RunSummary) -> int:
+    config = summary.params["config"]
+    return config["num_edits"] * config.get("sequential_batches", 1)
+
+
+__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling", "run_sequential", "scaling_series"]
