@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's experiments on the default model, cases from MEND's counterfact-edit.json:
 #   scaling  MEMIT and AlphaEdit, one batch of 1 .. 10,000 edits (target vectors cached per
-#            request, so each case's z is computed once for the whole curve and both methods);
+#            request in the curve's own folder, so each case's z is computed once for the whole
+#            curve and both methods, and scripts/paper_report.py reads what they cost);
 #            fluency on every 10th case;
 #   sequential  MEMIT, AlphaEdit and ROME, 2,000 edits in batches of 100, every case so far
 #            scored after 500, 1,000, 1,500 and 2,000 edits (earlier batches reloaded from the
@@ -18,7 +19,7 @@ for part in "${@:-scaling sequential}"; do
     if [ "$what" = scaling ]; then
       for alg in MEMIT AlphaEdit; do
         .venv/bin/memit scale --alg "$alg" --data-file "$DATA" --num-edits 1,10,100,1000,3000,10000 --min-cases 100 \
-          --generation-interval 10 --use-cache --out results/paper_scaling
+          --generation-interval 10 --target-cache results/paper_scaling/.target_cache --out results/paper_scaling
       done
     else
       for alg in MEMIT AlphaEdit ROME; do

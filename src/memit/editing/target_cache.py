@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
@@ -84,7 +85,19 @@ class TargetCache:
         tensors = load_file(str(path))
         return tensors["init"], tensors["delta"], tensors["final_loss"]
 
-    def save(self, request: EditRequest, init: torch.Tensor, delta: torch.Tensor, final_loss: torch.Tensor) -> None:
+    def save(self, request: EditRequest, init: torch.Tensor, delta: torch.Tensor, final_loss: torch.Tensor, seconds: float) -> None:
+        """``seconds``: what computing this request's vector cost (its share of its batch)."""
         tensors = {"init": init, "delta": delta, "final_loss": final_loss.reshape(1)}
         with atomic_path(self.path(request)) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"seconds": f"{seconds:.4f}"})
+
+
+def cache_cost(root: str | Path) -> tuple[int, float]:
+    """How many target vectors a cache folder holds and the seconds their computation took
+    (files written before the seconds were recorded count as none)."""
+    count, seconds = 0, 0.0
+    for path in Path(root).rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            count += 1
+            seconds += float((f.metadata() or {}).get("seconds", 0.0))
+    return count, seconds

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,11 +112,13 @@ def compute_targets(
     for start in progress(chunks, desc="target vectors", unit="batches", logger=log, disable=len(chunks) <= 1, leave=False):
         indices = todo[start : start + batch_size]
         chunk = [requests[i] for i in indices]
+        started = time.perf_counter()
         part = _optimise(model, layout, _build_problem(tok, chunk, context_templates), len(chunk), hparams, layer, init_module, fast, autocast)
+        seconds_each = (time.perf_counter() - started) / len(chunk)
         for j, i in enumerate(indices):
             rows[i] = (part.init[j], part.delta[j], part.final_loss[j : j + 1])
             if cache:
-                cache.save(requests[i], *rows[i])
+                cache.save(requests[i], *rows[i], seconds=seconds_each)
     if distributed.is_distributed():
         for share in distributed.all_gather({i: rows[i] for i in todo}):
             for i, row in share.items():

@@ -1,0 +1,79 @@
+"""Issue 13's tables and plots from the run folders of ``scripts/paper_experiments.sh``: per part
+(scaling, sequential) the comparison table, the hours each run took and its plot; for the
+scaling curve, what the target-vector cache saved.
+
+    python scripts/paper_report.py [--results results] [--figures docs/evaluation]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from memit.editing.target_cache import cache_cost
+from memit.evaluation.scaling import plot_scaling
+from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, summarize_run
+
+PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential"}
+TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
+
+
+def finished_runs(folder: Path) -> list[RunSummary]:
+    """The runs whose every case is scored, by method then number of edits."""
+    summaries = []
+    for params in sorted(folder.glob("*/run_*/params.json")):
+        summary = summarize_run(params.parent)
+        config = summary.params["config"]
+        if summary.num_cases and summary.num_cases == config.get("limit"):
+            summaries.append(summary)
+    return sorted(summaries, key=lambda s: (s.params["config"]["alg"], _edits(s)))
+
+
+def _edits(summary: RunSummary) -> int:
+    config = summary.params["config"]
+    return config["num_edits"] * config.get("sequential_batches", 1)
+
+
+def target_seconds(summary: RunSummary) -> float:
+    """Seconds the run itself spent computing target vectors (each group counted once)."""
+    groups = {tuple(r["grouped_case_ids"]): r["time"]["target_seconds"] for r in load_case_records(summary.run_dir)}
+    return sum(groups.values())
+
+
+def time_table(summaries: list[RunSummary]) -> str:
+    rows = ["| method | edits | edit h | of which target vectors h | scoring h |", "| --- | ---: | ---: | ---: | ---: |"]
+    for s in summaries:
+        rows.append(f"| {s.params['config']['alg']} | {_edits(s):,} | {s.edit_seconds / 3600:.2f} | "
+                    f"{target_seconds(s) / 3600:.2f} | {s.post_seconds / 3600:.2f} |")
+    return "\n".join(rows)
+
+
+def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
+    """The cache holds every target vector of the curve, each computed once (possibly over
+    several sessions: the runs' own timings miss what a killed run computed); without it every
+    run computes all of its own."""
+    count, seconds = cache_cost(cache)
+    requested = sum(s.num_cases for s in summaries)
+    per_vector = seconds / count
+    return (f"target vectors: {count:,} computed once in {seconds / 3600:.1f} h ({per_vector:.2f} s each); without the cache the "
+            f"{len(summaries)} runs would compute {requested:,}, about {requested * per_vector / 3600:.1f} h ({requested / count:.2f}x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--figures", type=Path, default=Path("docs/evaluation"))
+    args = p.parse_args()
+    for part, folder in PARTS.items():
+        summaries = finished_runs(args.results / folder)
+        if not summaries:
+            print(f"## {part}: no finished run in {args.results / folder}\n")
+            continue
+        print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
+        if part == "scaling":
+            print(cache_saving(summaries, args.results / folder / TARGET_CACHE) + "\n")
+        png = plot_scaling(summaries, args.figures / f"paper_{part}.png", title=f"default model, counterfact-edit.json ({part})")
+        print(f"plot: {png}\n")
+
+
+if __name__ == "__main__":
+    main()
