@@ -10,20 +10,29 @@
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
-#   nohup bash scripts/paper_experiments.sh [scaling] [sequential] > results/paper.log 2>&1 &
+#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] > results/paper.log 2>&1 &
+# NPROC > 1 runs each command under torchrun, one process (and thread) per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${MEMIT_SHARED_DATA:-../shared/data}/counterfact_mend/counterfact-edit.json
+NPROC=${NPROC:-1}
+memit() {
+  if [ "$NPROC" -gt 1 ]; then
+    OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m memit "$@"
+  else
+    .venv/bin/memit "$@"
+  fi
+}
 for part in "${@:-scaling sequential}"; do
   for what in $part; do
     if [ "$what" = scaling ]; then
       for alg in MEMIT AlphaEdit; do
-        .venv/bin/memit scale --alg "$alg" --data-file "$DATA" --num-edits 1,10,100,1000,3000,10000 --min-cases 100 \
+        memit scale --alg "$alg" --data-file "$DATA" --num-edits 1,10,100,1000,3000,10000 --min-cases 100 \
           --generation-interval 10 --target-cache results/paper_scaling/.target_cache --out results/paper_scaling
       done
     else
       for alg in MEMIT AlphaEdit ROME; do
-        .venv/bin/memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \
+        memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \
           --generation-interval 5 --reuse-edits --use-cache --out results/paper_sequential
       done
     fi
