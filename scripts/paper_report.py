@@ -52,6 +52,8 @@ def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
     several sessions: the runs' own timings miss what a killed run computed); without it every
     run computes all of its own."""
     count, seconds = cache_cost(cache)
+    if not count:
+        return f"no target vectors cached in {cache}"
     requested = sum(s.num_cases for s in summaries)
     per_vector = seconds / count
     return (f"target vectors: {count:,} computed once in {seconds / 3600:.1f} h ({per_vector:.2f} s each); without the cache the "

@@ -111,6 +111,7 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
     from memit.evaluation.scaling import plot_scaling, run_scaling, run_sequential
     from memit.evaluation.summary import format_table
     from memit.models import load_model
+    from memit.utils.distributed import is_main
 
     try:
         sizes = [int(x) for x in num_edits.split(",") if x.strip()]
@@ -136,6 +137,8 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
         summaries = run_sequential(base, sizes[0], ks, model, tok, options=options)
     else:
         summaries = run_scaling(base, sizes, min_cases, model, tok, options=options)
+    if not is_main():  # one table and plot from a torchrun group
+        return
     for s in summaries:
         click.echo(format_table(s) + "\n")
     path = Path(plot_path or Path(out) / alg / f"{'sequential' if ks else 'scaling'}_{dataset}.png")
