@@ -7,6 +7,7 @@ scaling curve, what the target-vector cache saved.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 from memit.editing.target_cache import cache_cost
@@ -60,6 +61,25 @@ def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
             f"{len(summaries)} runs would compute {requested:,}, about {requested * per_vector / 3600:.1f} h ({requested / count:.2f}x)")
 
 
+def age_table(summaries: list[RunSummary], block: int = 500) -> str:
+    """Efficacy and paraphrase success of the edits of each block of ``block`` (oldest first):
+    whether a sequential method loses its old edits or fails to write new ones."""
+    longest = max(_edits(s) for s in summaries)
+    blocks = range(0, longest, block)
+    head = ["method", "edits so far", *(f"edits {b + 1:,}-{b + block:,}" for b in blocks)]
+    rows = [head, ["---", "---:", *["---:"] * len(blocks)]]
+    for s in summaries:
+        # A case's age: its place in the order its group was edited.
+        aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in load_case_records(s.run_dir)]
+        cells = []
+        for b in blocks:
+            mine = [post for age, post in aged if b <= age < b + block]
+            cells.append(" / ".join(f"{100 * statistics.fmean(p[k] for p in mine):.1f}" for k in ("efficacy_success", "paraphrase_success"))
+                         if mine else "")
+        rows.append([s.params["config"]["alg"], f"{_edits(s):,}", *cells])
+    return "efficacy / paraphrase success by the edits' age\n\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"))
@@ -71,6 +91,8 @@ def main() -> None:
             print(f"## {part}: no finished run in {args.results / folder}\n")
             continue
         print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
+        if part == "sequential":
+            print(age_table(summaries) + "\n")
         if part == "scaling":
             print(cache_saving(summaries, args.results / folder / TARGET_CACHE) + "\n")
         png = plot_scaling(summaries, args.figures / f"paper_{part}.png", title=f"default model, counterfact-edit.json ({part})")
