@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from memit.editing.target_cache import cache_cost
-from memit.evaluation.scaling import plot_scaling
+from memit.evaluation.scaling import edits_so_far, plot_scaling
 from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, summarize_run
 
 PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential"}
@@ -26,12 +26,7 @@ def finished_runs(folder: Path) -> list[RunSummary]:
         config = summary.params["config"]
         if summary.num_cases and summary.num_cases == config.get("limit"):
             summaries.append(summary)
-    return sorted(summaries, key=lambda s: (s.params["config"]["alg"], _edits(s)))
-
-
-def _edits(summary: RunSummary) -> int:
-    config = summary.params["config"]
-    return config["num_edits"] * config.get("sequential_batches", 1)
+    return sorted(summaries, key=lambda s: (s.params["config"]["alg"], edits_so_far(s)))
 
 
 def target_seconds(summary: RunSummary) -> float:
@@ -43,7 +38,7 @@ def target_seconds(summary: RunSummary) -> float:
 def time_table(summaries: list[RunSummary]) -> str:
     rows = ["| method | edits | edit h | of which target vectors h | scoring h |", "| --- | ---: | ---: | ---: | ---: |"]
     for s in summaries:
-        rows.append(f"| {s.params['config']['alg']} | {_edits(s):,} | {s.edit_seconds / 3600:.2f} | "
+        rows.append(f"| {s.params['config']['alg']} | {edits_so_far(s):,} | {s.edit_seconds / 3600:.2f} | "
                     f"{target_seconds(s) / 3600:.2f} | {s.post_seconds / 3600:.2f} |")
     return "\n".join(rows)
 
@@ -64,7 +59,7 @@ def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
 def age_table(summaries: list[RunSummary], block: int = 500) -> str:
     """Efficacy and paraphrase success of the edits of each block of ``block`` (oldest first):
     whether a sequential method loses its old edits or fails to write new ones."""
-    longest = max(_edits(s) for s in summaries)
+    longest = max(edits_so_far(s) for s in summaries)
     blocks = range(0, longest, block)
     head = ["method", "edits so far", *(f"edits {b + 1:,}-{b + block:,}" for b in blocks)]
     rows = [head, ["---", "---:", *["---:"] * len(blocks)]]
@@ -76,7 +71,7 @@ def age_table(summaries: list[RunSummary], block: int = 500) -> str:
             mine = [post for age, post in aged if b <= age < b + block]
             cells.append(" / ".join(f"{100 * statistics.fmean(p[k] for p in mine):.1f}" for k in ("efficacy_success", "paraphrase_success"))
                          if mine else "")
-        rows.append([s.params["config"]["alg"], f"{_edits(s):,}", *cells])
+        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", *cells])
     return "efficacy / paraphrase success by the edits' age\n\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 

@@ -107,7 +107,7 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
     for s in summaries:
         by_method.setdefault(str(s.params["config"].get("alg")), []).append(s)
     for runs in by_method.values():
-        runs.sort(key=_edits_so_far)
+        runs.sort(key=edits_so_far)
     widest = max(by_method.values(), key=len)
 
     def line(runs: list[RunSummary], phase: str, key: str) -> tuple[list[int], list[float | None]]:
@@ -115,7 +115,7 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
             ys = [s.update_relative if phase == "post" else None for s in runs]
         else:
             ys = [None if (v := s.value(phase, key)) is None else 100 * v for s in runs]
-        return [_edits_so_far(s) for s in runs], ys
+        return [edits_so_far(s) for s in runs], ys
 
     series: Series = {}
     for key, _ in PANELS:
@@ -166,9 +166,9 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     return path
 
 
-def _edits_so_far(summary: RunSummary) -> int:
+def edits_so_far(summary: RunSummary) -> int:
     config = summary.params["config"]
     return config["num_edits"] * config.get("sequential_batches", 1)
 
 
-__all__ = ["cases_for", "find_run", "plot_scaling", "run_scaling", "run_sequential", "scaling_series"]
+__all__ = ["cases_for", "edits_so_far", "find_run", "plot_scaling", "run_scaling", "run_sequential", "scaling_series"]
