@@ -4,7 +4,7 @@
 #            request in the curve's own folder, so each case's z is computed once for the whole
 #            curve and both methods, and scripts/paper_report.py reads what they cost);
 #            fluency on every 10th case;
-#   sequential  MEMIT, AlphaEdit and ROME, 2,000 edits in batches of 100, every case so far
+#   sequential  MEMIT, AlphaEdit and ROME (and AlphaEdit with ridge 10), 2,000 edits in batches of 100, every case so far
 #            scored after 500, 1,000, 1,500 and 2,000 edits (earlier batches reloaded from the
 #            edit cache); fluency on every 5th case.
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
@@ -35,6 +35,9 @@ for part in "${@:-scaling sequential}"; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \
           --generation-interval 5 --reuse-edits --use-cache --out results/paper_sequential
       done
+      # AlphaEdit with its paper's ridge (docs/evaluation.md: why AlphaEdit trails MEMIT here)
+      memit scale --alg AlphaEdit --hparams docs/evaluation/AlphaEdit_SmolLM2-135M-Instruct_ridge10.json --data-file "$DATA" \
+        --num-edits 100 --sequential-batches 5,10,15,20 --generation-interval 5 --reuse-edits --use-cache --out results/alphaedit_probe
     fi
   done
 done

@@ -14,7 +14,7 @@ from memit.editing.target_cache import cache_cost
 from memit.evaluation.scaling import edits_so_far, plot_scaling
 from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, summarize_run
 
-PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential"}
+PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
 
 
@@ -86,11 +86,11 @@ def main() -> None:
             print(f"## {part}: no finished run in {args.results / folder}\n")
             continue
         print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
-        if part == "sequential":
+        if part.startswith("sequential"):
             print(age_table(summaries) + "\n")
         if part == "scaling":
             print(cache_saving(summaries, args.results / folder / TARGET_CACHE) + "\n")
-        png = plot_scaling(summaries, args.figures / f"paper_{part}.png", title=f"default model, counterfact-edit.json ({part})")
+        png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"default model, counterfact-edit.json ({part})")
         print(f"plot: {png}\n")
 
 
