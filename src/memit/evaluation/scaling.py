@@ -130,7 +130,7 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
 
 
 def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
-    """One panel per metric against the number of edits (log x), a line per method
+    """One panel per metric against the number of edits (log x where they span a decade), a line per method
     (:func:`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
     import matplotlib
 
@@ -142,12 +142,14 @@ def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "")
     sequential = any(c.get("sequential_batches", 1) > 1 for c in configs)
     xlabel = f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "edits in one batch"
     labels = dict(PANELS)
+    edits = [edits_so_far(s) for s in summaries]
     fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 3.4), dpi=120, squeeze=False)
     for ax, (key, lines) in zip(axes[0], series.items()):
         for name, (xs, ys) in lines.items():
-            style = {"ls": "--", "color": "grey"} if name == "unedited" else {"marker": "o", "ms": 3}
-            ax.plot(xs, ys, label=name, **style)
-        ax.set_xscale("log")
+            style = {"ls": "--", "marker": "x", "color": "grey"} if name == "unedited" else {"marker": "o"}
+            ax.plot(xs, ys, label=name, ms=3, **style)
+        if max(edits) >= 10 * min(edits):
+            ax.set_xscale("log")
         if key == "update_relative":
             ax.set_yscale("log")
         elif key != "fluency":
