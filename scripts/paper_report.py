@@ -7,12 +7,13 @@ scaling curve, what the target-vector cache saved.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 
 from memit.editing.target_cache import cache_cost
 from memit.evaluation.scaling import edits_so_far, plot_scaling
-from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, summarize_run
+from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, markdown_table, summarize_run
 
 PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
@@ -29,18 +30,24 @@ def finished_runs(folder: Path) -> list[RunSummary]:
     return sorted(summaries, key=lambda s: (s.params["config"]["alg"], edits_so_far(s)))
 
 
+@functools.cache
+def case_records(run_dir: Path) -> list[dict]:
+    """A run's case files, read once for all the tables."""
+    return load_case_records(run_dir)
+
+
 def target_seconds(summary: RunSummary) -> float:
     """Seconds the run itself spent computing target vectors (each group counted once)."""
-    groups = {tuple(r["grouped_case_ids"]): r["time"]["target_seconds"] for r in load_case_records(summary.run_dir)}
+    groups = {tuple(r["grouped_case_ids"]): r["time"]["target_seconds"] for r in case_records(summary.run_dir)}
     return sum(groups.values())
 
 
 def time_table(summaries: list[RunSummary]) -> str:
-    rows = ["| method | edits | edit h | of which target vectors h | scoring h |", "| --- | ---: | ---: | ---: | ---: |"]
+    rows = [["method", "edits", "edit h", "of which target vectors h", "scoring h"], ["---", *["---:"] * 4]]
     for s in summaries:
-        rows.append(f"| {s.params['config']['alg']} | {edits_so_far(s):,} | {s.edit_seconds / 3600:.2f} | "
-                    f"{target_seconds(s) / 3600:.2f} | {s.post_seconds / 3600:.2f} |")
-    return "\n".join(rows)
+        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", f"{s.edit_seconds / 3600:.2f}",
+                     f"{target_seconds(s) / 3600:.2f}", f"{s.post_seconds / 3600:.2f}"])
+    return markdown_table(rows)
 
 
 def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
@@ -65,14 +72,14 @@ def age_table(summaries: list[RunSummary], block: int = 500) -> str:
     rows = [head, ["---", "---:", *["---:"] * len(blocks)]]
     for s in summaries:
         # A case's age: its place in the order its group was edited.
-        aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in load_case_records(s.run_dir)]
+        aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in case_records(s.run_dir)]
         cells = []
         for b in blocks:
             mine = [post for age, post in aged if b <= age < b + block]
             cells.append(" / ".join(f"{100 * statistics.fmean(p[k] for p in mine):.1f}" for k in ("efficacy_success", "paraphrase_success"))
                          if mine else "")
         rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", *cells])
-    return "efficacy / paraphrase success by the edits' age\n\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return "efficacy / paraphrase success by the edits' age\n\n" + markdown_table(rows)
 
 
 def main() -> None:

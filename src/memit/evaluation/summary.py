@@ -263,6 +263,11 @@ def format_comparison(summaries: list[RunSummary]) -> str:
         update = "-" if s.update_relative is None else f"{s.update_relative:.3g}"
         rows.append([str(config.get("alg")), edits, prompt_format_of(s.params), str(s.num_cases), *cells(s, "post"), update,
                      f"{s.edit_seconds:.0f}", f"{s.post_seconds:.0f}"])
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """Rows of cells (the head, the alignment row, the body) as Markdown table lines."""
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
