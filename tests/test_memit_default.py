@@ -56,6 +56,15 @@ def test_ten_facts_are_written(edited):
     assert sum(new_beats_true(model, tok, records, rewrite_prompts)) >= 9
 
 
+def test_the_edit_reports_how_much_of_its_targets_it_wrote(edited, default_hparams):
+    """Ten facts are far inside five layers' 1,536 key dimensions: the solves write nearly all
+    of each layer's share, and the change z − h is left mostly written."""
+    fit = edited[3].manifest["fit"]
+    assert set(fit) == {f"layer{layer}" for layer in default_hparams.layers} | {"unwritten"}
+    assert all(0 <= v < 1 for v in fit.values())
+    assert fit["unwritten"] < 0.25, fit
+
+
 def test_neighbourhood_keeps_its_true_facts(edited):
     model, tok, records, _, before, _ = edited
     after = new_beats_true(model, tok, records, neighborhood_prompts)

@@ -13,12 +13,13 @@ from memit.evaluation.scaling import cases_for, find_run, plot_scaling, scaling_
 from memit.evaluation.summary import format_table, summarize_run
 
 
-def _make_run(folder, num_edits, cases, dataset="cf", alg="MEMIT"):
+def _make_run(folder, num_edits, cases, dataset="cf", alg="MEMIT", update=None):
     folder.mkdir(parents=True)
     config = {"alg": alg, "model": "default", "dataset": dataset, "num_edits": num_edits, "sequential_batches": 1}
     (folder / "params.json").write_text(json.dumps({"config": config, "hparams": {}}))
     for i, (pre, post) in enumerate(cases):
-        (folder / f"case_{i}.json").write_text(json.dumps({"case_id": i, "pre": pre, "post": post}))
+        record = {"case_id": i, "pre": pre, "post": post, **({"update": update} if update else {})}
+        (folder / f"case_{i}.json").write_text(json.dumps(record))
     return folder
 
 
@@ -114,9 +115,13 @@ def test_methods_share_the_scaling_panels(tmp_path):
     for alg, sizes in (("MEMIT", (100, 1, 10)), ("AlphaEdit", (1, 10))):
         for n in sizes:
             post = _cf(1.0, 0.5, 0.7 if alg == "MEMIT" else 0.6, flu=5.0)
-            runs.append(_make_run(tmp_path / alg / f"run_{n:03d}", n, [(_cf(0.0, 0.0, 0.8 - n / 1000, flu=6.0), post)], alg=alg))
+            # Only MEMIT's runs recorded the share of the targets left unwritten.
+            update = {"norm": 1.0, "relative": n / 100, **({"unwritten": n / 1000} if alg == "MEMIT" else {})}
+            runs.append(_make_run(tmp_path / alg / f"run_{n:03d}", n, [(_cf(0.0, 0.0, 0.8 - n / 1000, flu=6.0), post)], alg=alg, update=update))
     series = scaling_series([summarize_run(r) for r in runs])
-    assert list(series) == ["efficacy_success", "paraphrase_success", "neighborhood_success", "fluency"]
+    assert list(series) == ["efficacy_success", "paraphrase_success", "neighborhood_success", "fluency", "update_relative", "update_unwritten"]
+    assert series["update_unwritten"]["MEMIT"] == ([1, 10, 100], pytest.approx([0.1, 1.0, 10.0]))
+    assert series["update_unwritten"]["AlphaEdit"] == ([1, 10], [None, None]) and "unedited" not in series["update_unwritten"]
     neighborhood = series["neighborhood_success"]
     assert neighborhood["MEMIT"] == ([1, 10, 100], [70.0, 70.0, 70.0])
     assert neighborhood["AlphaEdit"] == ([1, 10], [60.0, 60.0])

@@ -56,6 +56,9 @@ class EditTask:
     earlier: Sequence[WeightDeltas] = ()
     # Seconds spent in each named phase of the edit (for benchmarks and logs).
     timings: dict[str, float] = field(default_factory=dict)
+    # How closely the solves met their targets (memit.editing.common.write_over_layers), for
+    # methods that report it; saved in the edit's manifest.
+    fit: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -133,6 +136,7 @@ class Editor(ABC):
             "requests": [r.to_dict() for r in requests],
             "model_fingerprint": model_fingerprint(model),
             "model_name": getattr(model.config, "_name_or_path", ""),
+            **({"fit": task.fit} if task.fit else {}),
         }
         edit = WeightDeltas(deltas, manifest, timings=task.timings).apply(model)
         try:

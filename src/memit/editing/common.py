@@ -70,12 +70,19 @@ def write_over_layers(
     targets: torch.Tensor,
     templates: ContextTemplates,
     solve: LayerSolver,
+    fit: dict[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write the targets layer by layer: each layer takes its share of the remaining residual
     at the last layer's output, and later layers see the earlier layers' updates (MEMIT's
-    spreading). ``model`` is restored afterwards; returns parameter name -> delta."""
+    spreading). ``model`` is restored afterwards; returns parameter name -> delta.
+
+    ``fit`` receives how well the solves met their residuals (the edit's capacity): per
+    layer ``layer{L}``, ‖K ΔWᵀ − R‖ / ‖R‖ of its own share; and ``unwritten``, the part of the
+    whole change z − h that the last layer leaves unwritten, ‖K ΔWᵀ − R‖ / ‖z − h‖ there."""
     z_layer = layers[-1]
     deltas: dict[str, torch.Tensor] = {}
+    fit = {} if fit is None else fit
+    whole_change = 0.0
     with restored_weights(model, [layout.weight_name(layer) for layer in layers]):
         for i, layer in enumerate(layers):
             weight = layout.mlp_out(model, layer).weight
@@ -83,13 +90,18 @@ def write_over_layers(
             keys = compute_keys(model, tok, layout, requests, layer, templates).to(solve_on).double()
             current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).to(solve_on).double()
             residual = (targets.to(solve_on) - current) / (len(layers) - i)
+            if i == 0:
+                whole_change = float(residual.norm()) * len(layers)
             update = solve(i, layer, keys, residual)
+            error = float((keys @ update.T - residual).norm())
+            fit[f"layer{layer}"] = error / max(float(residual.norm()), 1e-12)
             delta = layout.as_weight(update).float()
-            log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f",
-                     layer, float(residual.norm()), float(update.norm()), float(weight.detach().norm()))
+            log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f, %.1f%% of the residual unwritten",
+                     layer, float(residual.norm()), float(update.norm()), float(weight.detach().norm()), 100 * fit[f"layer{layer}"])
             with torch.no_grad():
                 weight.add_(delta.to(weight.device, weight.dtype))
             deltas[layout.weight_name(layer)] = delta
+    fit["unwritten"] = error / max(whole_change, 1e-12)
     return deltas
 
 

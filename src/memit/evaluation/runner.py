@@ -542,7 +542,9 @@ def _run_group(
 
 def update_size(applied: list[WeightDeltas]) -> dict[str, float]:
     """The Frobenius norm of a group's whole weight change (every batch, every changed matrix)
-    and its ratio to the norm of the unedited matrices: how far a batch size pushes the model."""
+    and its ratio to the norm of the unedited matrices: how far a batch size pushes the model;
+    with ``unwritten``, the share of its target change the last batch's solve left unwritten,
+    where the method reports it (memit.editing.common.write_over_layers)."""
     total: dict[str, torch.Tensor] = {}
     originals: dict[str, torch.Tensor] = {}
     for deltas in applied:
@@ -552,7 +554,9 @@ def update_size(applied: list[WeightDeltas]) -> dict[str, float]:
             originals.setdefault(name, deltas.original_weights()[name])
     norm = math.sqrt(sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in total.values()))
     weights = math.sqrt(sum(float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2 for w in originals.values()))
-    return {"norm": norm, "relative": norm / weights if weights else float("nan")}
+    size = {"norm": norm, "relative": norm / weights if weights else float("nan")}
+    fit = applied[-1].manifest.get("fit", {}) if applied else {}
+    return size | ({"unwritten": fit["unwritten"]} if "unwritten" in fit else {})
 
 
 def _rewrites(case: Case) -> dict[str, Any]:

@@ -23,6 +23,7 @@ PANELS = (
     ("neighborhood_success", "Neighborhood success (%)"),
     ("fluency", "Fluency (n-gram entropy x 100)"),
     ("update_relative", "‖ΔW‖ / ‖W‖ (edited matrices)"),
+    ("update_unwritten", "Target change left unwritten (%)"),
 )
 
 
@@ -113,6 +114,8 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
     def line(runs: list[RunSummary], phase: str, key: str) -> tuple[list[int], list[float | None]]:
         if key == "update_relative":
             ys = [s.update_relative if phase == "post" else None for s in runs]
+        elif key == "update_unwritten":
+            ys = [100 * s.update_unwritten if phase == "post" and s.update_unwritten is not None else None for s in runs]
         else:
             ys = [None if (v := s.value(phase, key)) is None else 100 * v for s in runs]
         return [edits_so_far(s) for s in runs], ys

@@ -86,6 +86,8 @@ class RunSummary:
     # runs recorded before it was).
     update_norm: float | None = None
     update_relative: float | None = None
+    # The share of the target change the last batch's solve left unwritten (MEMIT, AlphaEdit).
+    update_unwritten: float | None = None
 
     def score(self, phase: str) -> float | None:
         means = [self.stats[phase].get(k) for k in SUCCESS_KEYS]
@@ -122,6 +124,7 @@ class RunSummary:
             out[key] = {phase: self.value(phase, key) for phase in ("pre", "post")}
         out["consistency_tfidf"] = self.consistency_tfidf
         out["update_norm"], out["update_relative"] = self.update_norm, self.update_relative
+        out["update_unwritten"] = self.update_unwritten
         return out
 
 
@@ -175,6 +178,8 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     if updates:
         summary.update_norm = statistics.fmean(u["norm"] for u in updates)
         summary.update_relative = statistics.fmean(u["relative"] for u in updates)
+        unwritten = [u["unwritten"] for u in updates if "unwritten" in u]
+        summary.update_unwritten = statistics.fmean(unwritten) if unwritten else None
     summary.post_seconds = sum(r.get("time", {}).get("post_seconds", 0.0) for r in records)
     sources = {r["post"].get("consistency_tfidf") for r in records if r.get("post", {}).get("consistency_tfidf")}
     summary.consistency_tfidf = ",".join(sorted(sources)) or None

@@ -19,7 +19,7 @@ class MEMITEditor(Editor):
         templates = context_templates(task.model, task.tok, hp, self.options)
         with task.timed("target_vectors"):
             targets = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
-        return write_over_layers(task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve)
+        return write_over_layers(task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve, task.fit)
 
     def layer_solver(self, task: EditTask) -> LayerSolver:
         """How each edit layer's update follows from its keys and residuals."""
