@@ -1,6 +1,7 @@
 """Issue 13's tables and plots from the run folders of ``scripts/paper_experiments.sh``: per part
 (scaling, sequential) the comparison table, the hours each run took and its plot; for the
-scaling curve, what the target-vector cache saved.
+scaling curve, the update's size, what the solves left unwritten and what the target-vector
+cache saved; for the sequential runs, success by the edits' age.
 
     python scripts/paper_report.py [--results results] [--figures docs/evaluation]
 """
@@ -63,6 +64,20 @@ def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
             f"{len(summaries)} runs would compute {requested:,}, about {requested * per_vector / 3600:.1f} h ({requested / count:.2f}x)")
 
 
+def capacity_table(summaries: list[RunSummary]) -> str:
+    """Per run: how big the update is, how much of the target change the solves could not
+    write, and what the neighborhood lost (unedited minus edited success, points)."""
+    rows = [["method", "edits", "‖ΔW‖/‖W‖", "target change unwritten %", "efficacy", "neighborhood loss"], ["---", *["---:"] * 5]]
+    for s in summaries:
+        pre, post = s.value("pre", "neighborhood_success"), s.value("post", "neighborhood_success")
+        unwritten = "-" if s.update_unwritten is None else f"{100 * s.update_unwritten:.1f}"
+        relative = "-" if s.update_relative is None else f"{s.update_relative:.3g}"
+        loss = "-" if pre is None or post is None else f"{100 * (pre - post):.1f}"
+        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", relative, unwritten,
+                     f"{100 * s.value('post', 'efficacy_success'):.1f}", loss])
+    return markdown_table(rows)
+
+
 def age_table(summaries: list[RunSummary], block: int = 500) -> str:
     """Efficacy and paraphrase success of the edits of each block of ``block`` (oldest first):
     whether a sequential method loses its old edits or fails to write new ones."""
@@ -96,6 +111,7 @@ def main() -> None:
         if part.startswith("sequential"):
             print(age_table(summaries) + "\n")
         if part == "scaling":
+            print(capacity_table(summaries) + "\n")
             print(cache_saving(summaries, args.results / folder / TARGET_CACHE) + "\n")
         png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"default model, counterfact-edit.json ({part})")
         print(f"plot: {png}\n")
