@@ -44,10 +44,19 @@ def target_seconds(summary: RunSummary) -> float:
 
 
 def time_table(summaries: list[RunSummary]) -> str:
+    """Hours per run and, per method, in all: a run reuses the edits and target vectors that
+    earlier runs saved, so a method's runs add up to what its whole series cost."""
     rows = [["method", "edits", "edit h", "of which target vectors h", "scoring h"], ["---", *["---:"] * 4]]
+
+    def row(alg: str, edits: str, runs: list[RunSummary]) -> list[str]:
+        hours = [sum(f(s) for s in runs) / 3600 for f in (lambda s: s.edit_seconds, target_seconds, lambda s: s.post_seconds)]
+        return [alg, edits, *(f"{h:.2f}" for h in hours)]
+
+    methods: dict[str, list[RunSummary]] = {}
     for s in summaries:
-        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", f"{s.edit_seconds / 3600:.2f}",
-                     f"{target_seconds(s) / 3600:.2f}", f"{s.post_seconds / 3600:.2f}"])
+        methods.setdefault(s.params["config"]["alg"], []).append(s)
+        rows.append(row(s.params["config"]["alg"], f"{edits_so_far(s):,}", [s]))
+    rows += [row(f"**{alg}, all runs**", "", runs) for alg, runs in methods.items() if len(runs) > 1]
     return markdown_table(rows)
 
 
