@@ -90,14 +90,15 @@ def write_over_layers(
             keys = compute_keys(model, tok, layout, requests, layer, templates).to(solve_on).double()
             current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).to(solve_on).double()
             residual = (targets.to(solve_on) - current) / (len(layers) - i)
+            residual_norm = float(residual.norm())
             if i == 0:
-                whole_change = float(residual.norm()) * len(layers)
+                whole_change = residual_norm * len(layers)
             update = solve(i, layer, keys, residual)
             error = float((keys @ update.T - residual).norm())
-            fit[f"layer{layer}"] = error / max(float(residual.norm()), 1e-12)
+            fit[f"layer{layer}"] = error / max(residual_norm, 1e-12)
             delta = layout.as_weight(update).float()
             log.info("layer %d: residual norm %.3f, update norm %.3f, weight norm %.3f, %.1f%% of the residual unwritten",
-                     layer, float(residual.norm()), float(update.norm()), float(weight.detach().norm()), 100 * fit[f"layer{layer}"])
+                     layer, residual_norm, float(update.norm()), float(weight.detach().norm()), 100 * fit[f"layer{layer}"])
             with torch.no_grad():
                 weight.add_(delta.to(weight.device, weight.dtype))
             deltas[layout.weight_name(layer)] = delta

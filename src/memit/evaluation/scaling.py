@@ -25,6 +25,8 @@ PANELS = (
     ("update_relative", "‖ΔW‖ / ‖W‖ (edited matrices)"),
     ("update_unwritten", "Target change left unwritten (%)"),
 )
+# The panels read from RunSummary's update fields, with the factor each is plotted at.
+UPDATE_PANELS = {"update_relative": 1, "update_unwritten": 100}
 
 
 def cases_for(num_edits: int, min_cases: int) -> int:
@@ -112,10 +114,10 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
     widest = max(by_method.values(), key=len)
 
     def line(runs: list[RunSummary], phase: str, key: str) -> tuple[list[int], list[float | None]]:
-        if key == "update_relative":
-            ys = [s.update_relative if phase == "post" else None for s in runs]
-        elif key == "update_unwritten":
-            ys = [100 * s.update_unwritten if phase == "post" and s.update_unwritten is not None else None for s in runs]
+        if key in UPDATE_PANELS:
+            # What the edit did to the weights: no unedited value.
+            values = [getattr(s, key) if phase == "post" else None for s in runs]
+            ys = [None if v is None else UPDATE_PANELS[key] * v for v in values]
         else:
             ys = [None if (v := s.value(phase, key)) is None else 100 * v for s in runs]
         return [edits_so_far(s) for s in runs], ys
