@@ -59,6 +59,11 @@ def parse_request(raw: Mapping[str, Any] | EditRequest, index: int = 0) -> EditR
     return _checked(request, index)
 
 
+def conflict_key(request: EditRequest) -> tuple[str, str]:
+    """Two requests of one batch with this key must ask for the same target: the subject in the prompt."""
+    return (request.subject, request.prompt)
+
+
 def parse_requests(raws: Iterable[Mapping[str, Any] | EditRequest]) -> list[EditRequest]:
     """Parse and validate a batch, rejecting duplicates that ask for different targets."""
     requests = [parse_request(raw, i) for i, raw in enumerate(raws)]
@@ -66,7 +71,7 @@ def parse_requests(raws: Iterable[Mapping[str, Any] | EditRequest]) -> list[Edit
         raise RequestError("requests: the list is empty")
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for i, request in enumerate(requests):
-        key = (request.subject, request.prompt)
+        key = conflict_key(request)
         if key in seen and seen[key][1] != request.target_new:
             j, other = seen[key]
             raise RequestError(

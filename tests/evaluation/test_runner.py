@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from memit.cli import main
-from memit.evaluation.runner import RunConfig, RunHooks, run_evaluation
+from memit.evaluation.datasets import load_cases
+from memit.evaluation.runner import RunConfig, RunHooks, editable_cases, run_evaluation
 from memit.evaluation.summary import JSON_KEYS, summarize_run
 
 from ..conftest import DATA_DIR
@@ -180,6 +181,20 @@ def test_evaluate_rejects_a_file_that_fits_no_schema(tmp_path):
     wrong = CliRunner().invoke(main, ["evaluate", "--dataset", "zsre", "--data-file", str(bad), "--out", str(tmp_path)])
     assert "record 0" in wrong.output and "'src'" in wrong.output
     assert not (tmp_path / "MEMIT").exists()
+
+
+def test_a_case_contradicting_an_earlier_one_of_its_batch_is_skipped(default_model, caplog):
+    # Cases 1004 and 2362 of counterfact-edit.json put the same subject in the same prompt with
+    # different new targets: one batch cannot hold both; batches apart they are fine.
+    _, _, cases = load_cases(None, DATA_DIR / "counterfact_mend" / "counterfact-edit.json")
+    by_id = {c.case_id: c for c in cases}
+    chosen = [by_id[1004], by_id[0], by_id[2362], by_id[1]]
+    with caplog.at_level(logging.WARNING, logger="memit.evaluation.runner"):
+        kept, skipped = editable_cases(chosen, default_model[1], limit=3)
+    assert [c.case_id for c in kept] == [1004, 0, 1] and skipped == [2362]
+    assert "Skipping case 2362" in caplog.text and "Hamburg" in caplog.text and "Shanghai" in caplog.text
+    kept, skipped = editable_cases(chosen, default_model[1], limit=None, batch_size=2)
+    assert [c.case_id for c in kept] == [1004, 0, 2362, 1] and skipped == []
 
 
 def test_reused_edits_are_scored_again_and_never_stale(default_model, fast_hparams, tmp_path):

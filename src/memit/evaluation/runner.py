@@ -46,7 +46,7 @@ from memit.evaluation.generation import (
 )
 from memit.evaluation.prompt_format import RAW, PromptFormat, prompt_format
 from memit.predict import prefetched_scores
-from memit.requests import EditRequest, RequestError, check_tokenization, parse_requests
+from memit.requests import EditRequest, RequestError, check_tokenization, conflict_key, parse_requests
 from memit.stats.corpus import Corpus
 from memit.utils import distributed
 from memit.utils.io import read_json, write_json
@@ -357,21 +357,35 @@ def _groups(cases: list[Case], size: int) -> list[list[Case]]:
     return [cases[i : i + size] for i in range(0, len(cases), size)]
 
 
-def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int | None) -> tuple[list[Case], list]:
-    """The first ``limit`` cases whose subject can be located in the prompt's tokens, and
-    the ids of those skipped (e.g. a subject ending in ")" before "?" that the tokenizer
-    merges into ")?"); the paper's code edits those at an approximate position."""
+def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int | None, batch_size: int | None = None) -> tuple[list[Case], list]:
+    """The first ``limit`` cases that can be edited in batches of ``batch_size`` (None: one
+    batch), and the ids of those skipped: a subject that cannot be located in the prompt's
+    tokens (e.g. one ending in ")" before "?" that the tokenizer merges into ")?"; the paper's
+    code edits those at an approximate position), or a request that contradicts one earlier in
+    its batch (the same subject and prompt, another target; the paper's MultiCounterFact drops
+    such conflicts, and a batch cannot hold both)."""
     kept: list[Case] = []
     skipped: list = []
+    batch_targets: dict[tuple[str, str], str] = {}
     for case in cases:
         if limit is not None and len(kept) >= limit:
             break
+        if batch_size is not None and len(kept) % batch_size == 0:
+            batch_targets = {}
+        requests = list(case_requests(case))
         try:
-            check_tokenization(list(case_requests(case)), tok)
+            check_tokenization(requests, tok)
         except RequestError as err:
             log.warning("Skipping case %s: %s", case.case_id, str(err).replace("request 0: ", ""))
             skipped.append(case.case_id)
             continue
+        conflicts = [r for r in requests if batch_targets.get(conflict_key(r), r.target_new) != r.target_new]
+        if conflicts:
+            log.warning("Skipping case %s: %r in %r asks for %r, an earlier case of its batch for %r", case.case_id,
+                        conflicts[0].subject, conflicts[0].prompt, conflicts[0].target_new, batch_targets[conflict_key(conflicts[0])])
+            skipped.append(case.case_id)
+            continue
+        batch_targets.update((conflict_key(r), r.target_new) for r in requests)
         kept.append(case)
     return kept, skipped
 
@@ -444,7 +458,7 @@ def run_evaluation(
 
         model, tok = load_model(config.model, config.dtype, config.device, config.device_map, config.offload_folder)
     hparams = resolve_hparams(config.alg, hparams if hparams is not None else config.hparams, model)
-    cases, skipped = editable_cases(cases, tok, config.limit)
+    cases, skipped = editable_cases(cases, tok, config.limit, config.num_edits)
     _validate_batches(cases, config)
     config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
     run_dir = start_run(run_dir, config, hparams, {
