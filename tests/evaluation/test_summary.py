@@ -64,12 +64,13 @@ def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert "| gen. efficacy | (mentioned) | gen. paraphrase | (mentioned) | gen. neighborhood | gen. unchanged | gen. says new |" in lines[0]
-    # An unedited row per prompt format, from the first run asked that way.
+    # An unedited row per prompt format and number of cases, from the first run of that kind.
     assert lines[2] == "| unedited | - | raw | 2 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | - | - | 500.0 | - | - | - |"
-    assert lines[3] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - | - | - | - |"
-    assert lines[4] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | - | - | 400.0 | 0.0123 | 30 | 7 |"
-    assert lines[5].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | - | - | 300.0 |")
-    assert lines[6].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
+    assert lines[3] == "| unedited | - | raw | 1 | 0.0 | 0.0 | 100.0 | 0.0 | - | - | - | - | - | - | - | 500.0 | - | - | - |"
+    assert lines[4] == "| unedited | - | chat | 1 | 0.0 | 0.0 | 50.0 | 0.0 | 0.0 | - | - | - | - | - | - | - | - | - | - |"
+    assert lines[5] == "| MEMIT | 2 | raw | 2 | 100.0 | 50.0 | 50.0 | 60.0 | - | - | - | - | - | - | - | 400.0 | 0.0123 | 30 | 7 |"
+    assert lines[6].startswith("| MEMIT | 10 x 1 sequential | raw | 1 | 100.0 | 100.0 | 100.0 | 100.0 | - | - | - | - | - | - | - | 300.0 |")
+    assert lines[7].startswith("| MEMIT | 2 | chat | 1 | 100.0 | 100.0 | 50.0 | 75.0 | 50.0 |")
 
 
 def test_summarize_json_for_zsre_has_null_success(tmp_path):

@@ -245,8 +245,8 @@ def comparison_columns(summaries: list[RunSummary]) -> tuple[tuple[str, str], ..
 
 def format_comparison(summaries: list[RunSummary]) -> str:
     """One Markdown row per run (post-edit means x 100), after a row for the unedited model
-    per prompt format (the pre values of the first run with that format), with the seconds
-    spent editing and scoring."""
+    per prompt format and number of cases (the pre values of the first such run), with the
+    seconds spent editing and scoring."""
     columns = comparison_columns(summaries)
 
     def cells(summary: RunSummary, phase: str) -> list[str]:
@@ -255,12 +255,13 @@ def format_comparison(summaries: list[RunSummary]) -> str:
 
     head = ["method", "edits", "prompts", "cases", *(label for label, _ in columns), "‖ΔW‖/‖W‖", "edit s", "scoring s"]
     rows = [head, ["---"] * 4 + ["---:"] * (len(head) - 4)]
-    # The unedited model scores differently under each prompt format: a row for each.
-    first_of_format: dict[str, RunSummary] = {}
+    # The unedited model scores differently under each prompt format and on each number of
+    # cases (a scaling curve's points): a row for each.
+    first_of_kind: dict[tuple[str, int], RunSummary] = {}
     for s in summaries:
-        first_of_format.setdefault(prompt_format_of(s.params), s)
-    for fmt, first in first_of_format.items():
-        rows.append(["unedited", "-", fmt, str(first.num_cases), *cells(first, "pre"), "-", "-", "-"])
+        first_of_kind.setdefault((prompt_format_of(s.params), s.num_cases), s)
+    for (fmt, num_cases), first in first_of_kind.items():
+        rows.append(["unedited", "-", fmt, str(num_cases), *cells(first, "pre"), "-", "-", "-"])
     for s in summaries:
         config = s.params.get("config", {})
         batches = config.get("sequential_batches", 1)
