@@ -373,21 +373,27 @@ def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int |
         if batch_size is not None and len(kept) % batch_size == 0:
             batch_targets = {}
         requests = list(case_requests(case))
-        try:
-            check_tokenization(requests, tok)
-        except RequestError as err:
-            log.warning("Skipping case %s: %s", case.case_id, str(err).replace("request 0: ", ""))
-            skipped.append(case.case_id)
-            continue
-        conflicts = [r for r in requests if batch_targets.get(conflict_key(r), r.target_new) != r.target_new]
-        if conflicts:
-            log.warning("Skipping case %s: %r in %r asks for %r, an earlier case of its batch for %r", case.case_id,
-                        conflicts[0].subject, conflicts[0].prompt, conflicts[0].target_new, batch_targets[conflict_key(conflicts[0])])
+        reason = _not_editable_because(requests, tok, batch_targets)
+        if reason is not None:
+            log.warning("Skipping case %s: %s", case.case_id, reason)
             skipped.append(case.case_id)
             continue
         batch_targets.update((conflict_key(r), r.target_new) for r in requests)
         kept.append(case)
     return kept, skipped
+
+
+def _not_editable_because(requests: list[EditRequest], tok: PreTrainedTokenizerBase, batch_targets: dict[tuple[str, str], str]) -> str | None:
+    """Why a case's requests cannot join a batch whose earlier requests asked for ``batch_targets``; None if they can."""
+    try:
+        check_tokenization(requests, tok)
+    except RequestError as err:
+        return str(err).replace("request 0: ", "")
+    for request in requests:
+        earlier = batch_targets.get(conflict_key(request), request.target_new)
+        if earlier != request.target_new:
+            return f"{request.subject!r} in {request.prompt!r} asks for {request.target_new!r}, an earlier case of its batch for {earlier!r}"
+    return None
 
 
 def _validate_batches(cases: list[Case], config: RunConfig) -> None:
