@@ -22,7 +22,15 @@ from memit.evaluation.generation import (
 )
 from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
 from memit.evaluation.metrics_zsre import evaluate_zsre_case
-from memit.evaluation.runner import GenerationResources, Scoring, evaluate_case, evaluate_cases
+from memit.evaluation.runner import (
+    GENERATION_BATCH,
+    MAX_CASES_PER_TEXT_CHUNK,
+    GenerationResources,
+    Scoring,
+    _text_chunks,
+    evaluate_case,
+    evaluate_cases,
+)
 from memit.stats import load_corpus
 
 from .helpers import nll_and_argmax
@@ -233,3 +241,16 @@ def test_prompts_are_batched_by_length_with_little_padding():
     sizes = [[lengths[items.index(b)] for b in batch] for batch in batches]
     assert sizes == [[5] * 10, [6, 6, 6, 20, 20, 40]]  # a 6 would pad the first by 18%; the second is under min_rows (8)
     assert all(len(b) <= 4 for b in _similar_length_batches(items, lengths, batch_size=4))
+
+
+def test_sparse_fluency_cases_share_one_decoding_batch(cf_case):
+    # Fluency on every 10th case: the texts of many 48-case chunks are decoded together, up
+    # to one batch of prompts, so the 100-token decode does not run on 2-prompt batches.
+    cases = [dataclasses.replace(cf_case, case_id=i, generation_prompts=["a", "b"]) for i in range(2000)]
+    scoring = Scoring(generation=GenerationResources(), generation_cases=frozenset(range(0, 2000, 10)))
+    chunks = list(_text_chunks(cases, scoring, None))
+    prompts = [sum(2 for c in chunk if c.case_id % 10 == 0) for chunk in chunks]
+    assert [c.case_id for chunk in chunks for c in chunk] == list(range(2000))
+    assert prompts[:-1] == [GENERATION_BATCH] * (len(chunks) - 1) and 0 < prompts[-1] <= GENERATION_BATCH
+    # Without texts to decode, a run is capped so that answers and scores still come in chunks.
+    assert max(len(chunk) for chunk in _text_chunks(cases, Scoring(), None)) == MAX_CASES_PER_TEXT_CHUNK
