@@ -81,3 +81,22 @@ def test_an_evaluation_run_logs_the_progress_of_its_scoring(tiny_model, tmp_path
         assert any(line.startswith(f"{step}: 1/2 cases (50%)") and line.endswith("left") for line in lines), lines
         assert f"{step}: 2/2 cases (100%)" in "\n".join(lines)
     assert any(line.startswith(f"evaluate {run_dir.name}: 1/1 groups (100%)") for line in lines), lines
+
+
+def test_a_large_memit_edit_logs_its_layers_and_key_batches(tiny_model, tmp_path, caplog, monkeypatch):
+    # At thousands of edits, writing the layers (keys of every request under every context
+    # template) takes many minutes after the target vectors: it must not be silent.
+    from memit import MEMITHyperParams, edit_model
+
+    model, tok = tiny_model
+    monkeypatch.setenv(ENV_INTERVAL, "0")
+    requests = [{"prompt": "{} plays the sport of", "subject": f"Player number {i}", "target_new": "football"} for i in range(100)]
+    hparams = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=1, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625,
+                               context_template_length_params=[[5, 10]], mom2_n_samples=20,
+                               mom2_max_tokens=64, mom2_dataset="wikipedia-sample")
+    with caplog.at_level(logging.INFO, logger="memit"):
+        edit_model(model, tok, requests, hparams, stats_dir=str(tmp_path)).revert(model)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("memit.editing")]
+    assert any(line.startswith("writing layers: 1/2 layers (50%)") for line in lines), lines
+    # 100 requests x 11 templates = 1,100 prompts in batches of 64.
+    assert any(line.startswith("vectors at the subject: 9/18 batches") for line in lines), lines

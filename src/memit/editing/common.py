@@ -18,6 +18,7 @@ from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.stats import Corpus, SecondMomentCache
 from memit.utils.devices import float64_device
+from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def write_over_layers(
     fit = {} if fit is None else fit
     whole_change = 0.0
     with restored_weights(model, [layout.weight_name(layer) for layer in layers]):
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(progress(layers, desc="writing layers", unit="layers", leave=False)):
             weight = layout.mlp_out(model, layer).weight
             solve_on = float64_device(weight.device)
             keys = compute_keys(model, tok, layout, requests, layer, templates).to(solve_on).double()

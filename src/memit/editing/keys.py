@@ -9,6 +9,7 @@ from memit.editing.prompts import tokenize_prompts
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.utils.hooks import run_and_capture
+from memit.utils.progress import progress
 
 
 def vectors_at_subject(
@@ -37,7 +38,9 @@ def vectors_at_subject_many(
     """:func:`vectors_at_subject` for several modules (in forward order) from one pass that
     stops at the last of them."""
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
-    for start in range(0, len(templates), batch_size):
+    starts = range(0, len(templates), batch_size)
+    # Thousands of requests times the context templates take minutes: say how far it is.
+    for start in progress(starts, desc="vectors at the subject", unit="batches", disable=len(starts) < 16, leave=False):
         batch = tokenize_prompts(tok, templates[start : start + batch_size], subjects[start : start + batch_size])
         with torch.no_grad():
             inputs, outputs = run_and_capture(
