@@ -257,18 +257,27 @@ def evaluate_cases(
         texts = _generated_texts(model, tok, text_chunk, scoring, spec)
         text_seconds = (time.perf_counter() - start) / len(text_chunk)
         for chunk in _groups(text_chunk, CASES_PER_CHUNK):
+            yield from _score_chunk(model, tok, chunk, texts, text_seconds, scoring, spec)
+
+
+def _score_chunk(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, chunk: list[Case], texts: dict[Any, list[str]], text_seconds: float,
+    scoring: Scoring, spec: DatasetSpec | None,
+) -> list[tuple[Case, dict[str, Any], float]]:
+    """(case, metrics, seconds) for one chunk: its answers decoded and its teacher-forced
+    prompts scored together; ``text_seconds`` is each case's share of decoding its texts."""
+    start = time.perf_counter()
+    answers = _generated_answers(model, tok, chunk, scoring, spec)
+    chunk_spec = spec or dataset_of(chunk[0])
+    pairs = [pair for c in chunk for pair in chunk_spec.scored_pairs(c, scoring.fmt)] if chunk_spec.scored_pairs else []
+    done = []
+    with prefetched_scores(model, tok, list(dict.fromkeys(pairs))):
+        shared = text_seconds + (time.perf_counter() - start) / len(chunk)
+        for case in chunk:
             start = time.perf_counter()
-            answers = _generated_answers(model, tok, chunk, scoring, spec)
-            chunk_spec = spec or dataset_of(chunk[0])
-            pairs = [pair for c in chunk for pair in chunk_spec.scored_pairs(c, scoring.fmt)] if chunk_spec.scored_pairs else []
-            done = []
-            with prefetched_scores(model, tok, list(dict.fromkeys(pairs))):
-                shared = text_seconds + (time.perf_counter() - start) / len(chunk)
-                for case in chunk:
-                    start = time.perf_counter()
-                    metrics = evaluate_case(model, tok, case, scoring, spec, texts.get(case.case_id), answers.get(case.case_id))
-                    done.append((case, metrics, shared + time.perf_counter() - start))
-            yield from done
+            metrics = evaluate_case(model, tok, case, scoring, spec, texts.get(case.case_id), answers.get(case.case_id))
+            done.append((case, metrics, shared + time.perf_counter() - start))
+    return done
 
 
 def _text_chunks(cases: list[Case], scoring: Scoring, spec: DatasetSpec | None) -> Iterator[list[Case]]:
