@@ -70,3 +70,22 @@ def test_a_gguf_split_across_packages_is_assembled_checked_and_loaded(default_mo
     assert list(tmp_path.glob("*bad.gguf*")) == []
     with pytest.raises(ModuleNotFoundError, match="pip install memit-test-chunks"):
         assemble_gguf(dataclasses.replace(spec, chunks=(("memit_no_such_package", "x.bin"),)), tmp_path / "none.gguf")
+
+
+def test_processes_that_convert_the_default_model_at_once_all_get_a_whole_folder(default_model, tmp_path):
+    """The ranks of a torchrun job on a fresh machine all convert the packaged GGUF at the same
+    time; none may read or delete another's half-written folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEMIT_HOME": str(tmp_path)}
+    code = "from memit.models.loading import default_model_dir; print(default_model_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err[-2000:] for _, err, _ in results]
+    folder = tmp_path / "models" / default_model_dir().name
+    assert {out.strip() for out, _, _ in results} == {str(folder)}
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [folder.name]
+    loaded, _ = load_model(str(folder))
+    assert model_fingerprint(loaded) == model_fingerprint(default_model[0])

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -123,20 +124,42 @@ def default_model_dir() -> Path:
 
 def converted_model_dir(name: str, gguf_file: Callable[[], Path]) -> Path:
     """``$MEMIT_HOME/models/<name>``: the model of ``gguf_file()`` as a safetensors folder,
-    converted on first use (the folder is renamed into place only when complete)."""
+    converted on first use. Each process converts into a folder of its own and renames it into
+    place only when complete, so processes that start together (the ranks of a torchrun job)
+    never read or delete each other's half-written files."""
     target = memit_home() / "models" / name
-    if (target / "config.json").is_file():
+    if _is_model_folder(target):
         return target
     gguf_path = gguf_file()
     log.info("Converting %s to safetensors in %s (once)", gguf_path.name, target)
     model, tok = _load_gguf(gguf_path, None, {})
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.", suffix=".partial"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _move_into_place(folder: Path, target: Path) -> None:
+    """Rename ``folder`` to ``target`` unless another process already put a complete one there."""
+    if _is_model_folder(target):
+        return
+    # A folder without config.json is what an interrupted older version left behind.
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        folder.rename(target)
+    except OSError:
+        # Renaming onto a non-empty folder fails: another process got there between the check and here.
+        if not _is_model_folder(target):
+            raise
 
 
 def _packaged_default_gguf() -> Path:
