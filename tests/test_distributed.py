@@ -60,13 +60,21 @@ def part_scoring(model, tok, out):
     return {"run_dir": str(run_dir)}
 
 
-PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring}
+def part_conversion(model, tok, out):
+    from memit.models.loading import model_fingerprint
+
+    return {"fingerprint": model_fingerprint(model)}
+
+
+PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "conversion": part_conversion}
 
 
 def _worker(rank: int, part: str, port: int, out: str) -> None:
     from memit import load_model
 
     torch.set_num_threads(1)
+    if part == "conversion":  # a machine where the default model was never converted
+        os.environ["MEMIT_HOME"] = os.path.join(out, "home")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model, tok = load_model("default")
@@ -79,6 +87,15 @@ def _worker(rank: int, part: str, port: int, out: str) -> None:
 def run_distributed(part: str, out) -> list[dict]:
     mp.spawn(_worker, args=(part, _free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_ranks_on_a_fresh_machine_convert_the_default_model_once(default_model, tmp_path):
+    """transformers saves a model only from rank 0, so rank 0 converts and the others wait."""
+    from memit.models.loading import model_fingerprint
+
+    ranks = run_distributed("conversion", tmp_path)
+    assert [r["fingerprint"] for r in ranks] == [model_fingerprint(default_model[0])] * WORLD
+    assert [p.name for p in (tmp_path / "home" / "models").iterdir()] == ["SmolLM2-135M-Instruct"]
 
 
 def test_statistics_split_across_processes_equal_one_process(default_model, tmp_path):

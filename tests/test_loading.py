@@ -81,7 +81,7 @@ def test_processes_that_convert_the_default_model_at_once_all_get_a_whole_folder
 
     env = {**os.environ, "MEMIT_HOME": str(tmp_path)}
     code = "from memit.models.loading import default_model_dir; print(default_model_dir())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     assert all(rc == 0 for _, _, rc in results), [err[-2000:] for _, err, _ in results]
     folder = tmp_path / "models" / default_model_dir().name

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from memit.errors import InputError, MissingFileError
 from memit.models.packaged import PACKAGED_MODELS, assemble_gguf
+from memit.utils import distributed
 from memit.utils.compat import dtype_kwargs, gguf_dequantize_kwargs, gguf_fixes
-from memit.utils.io import memit_home, read_json
+from memit.utils.io import current_umask, memit_home, read_json
 
 log = logging.getLogger(__name__)
 
@@ -124,24 +125,34 @@ def default_model_dir() -> Path:
 
 def converted_model_dir(name: str, gguf_file: Callable[[], Path]) -> Path:
     """``$MEMIT_HOME/models/<name>``: the model of ``gguf_file()`` as a safetensors folder,
-    converted on first use. Each process converts into a folder of its own and renames it into
-    place only when complete, so processes that start together (the ranks of a torchrun job)
-    never read or delete each other's half-written files."""
+    converted on first use. In a torch.distributed group rank 0 converts and the others wait
+    (transformers writes a model only from rank 0); independent processes each convert into a
+    folder of their own, renamed into place only when complete, so none reads or deletes
+    another's half-written files."""
     target = memit_home() / "models" / name
-    if _is_model_folder(target):
-        return target
-    gguf_path = gguf_file()
+    with distributed.main_process_first():
+        if not _is_model_folder(target):
+            _convert(gguf_file(), target)
+    return target
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
     log.info("Converting %s to safetensors in %s (once)", gguf_path.name, target)
     model, tok = _load_gguf(gguf_path, None, {})
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}.", suffix=".partial"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if not _is_model_folder(tmp):
+            raise RuntimeError(
+                f"transformers wrote no model into {tmp}: it saves only from rank 0 of a process group; "
+                "give every node the same MEMIT_HOME, or convert once outside torchrun"
+            )
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private
         _move_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _is_model_folder(path: Path) -> bool:

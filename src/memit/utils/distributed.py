@@ -6,8 +6,9 @@ nccl; tensors are moved there and back.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -97,3 +98,14 @@ def broadcast(obj: T) -> T:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it: for work done once and then
+    shared through the filesystem, such as converting a model."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
