@@ -54,6 +54,14 @@ def part_targets(model, tok, out):
     return {"delta": vectors.delta}
 
 
+def part_edit(model, tok, out):
+    from memit.editing.methods import get_editor_class
+
+    edit = get_editor_class("MEMIT")(_hparams(), EditOptions()).edit(model, tok, REQUESTS)
+    edit.revert(model)
+    return {"deltas": dict(edit.deltas)}
+
+
 def part_scoring(model, tok, out):
     config = RunConfig(data_file=str(COUNTERFACT), limit=5, num_edits=5, skip_generation=True, out=str(out))
     run_dir = run_evaluation(config, model, tok, _hparams(), EditOptions(batch_size=2))
@@ -66,7 +74,7 @@ def part_conversion(model, tok, out):
     return {"fingerprint": model_fingerprint(model)}
 
 
-PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "conversion": part_conversion}
+PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "edit": part_edit, "conversion": part_conversion}
 
 
 def _worker(rank: int, part: str, port: int, out: str) -> None:
@@ -114,6 +122,17 @@ def test_target_vectors_split_across_processes_equal_one_process(default_model, 
     alone = part_targets(model, tok, tmp_path)["delta"]
     for result in ranks:
         assert float((result["delta"] - alone).norm() / alone.norm()) < 1e-4
+
+
+def test_an_edit_whose_keys_are_split_across_processes_equals_one_process(default_model, tmp_path):
+    """Each process computes the keys and current outputs of its share of the requests."""
+    model, tok = default_model
+    ranks = run_distributed("edit", tmp_path)
+    alone = part_edit(model, tok, tmp_path)["deltas"]
+    for result in ranks:
+        assert result["deltas"].keys() == alone.keys()
+        for name, delta in alone.items():
+            assert float((result["deltas"][name] - delta).norm() / delta.norm()) < 1e-3, name
 
 
 def test_scoring_split_across_processes_fills_one_run_folder_with_the_same_numbers(default_model, tmp_path):

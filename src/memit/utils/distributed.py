@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,20 @@ def unshard(parts: list[list[T]]) -> list[T]:
     for i in range(longest):
         out.extend(p[i] for p in parts if i < len(p))
     return out
+
+
+def rows_by_shard(items: Sequence[T], rows_of: Callable[[list[T]], torch.Tensor]) -> torch.Tensor:
+    """``rows_of(items)`` (a tensor with one row per item), each process computing the rows of
+    its :func:`shard` and every process getting all of them, in order. Without a group, or with
+    fewer items than processes, every process computes all rows itself."""
+    if not is_distributed() or len(items) < world_size():
+        return rows_of(list(items))
+    part = rows_of(shard(items))
+    parts = all_gather(part.cpu())
+    rows = torch.empty((len(items), *part.shape[1:]), dtype=part.dtype)
+    for r, share in enumerate(parts):
+        rows[r :: world_size()] = share
+    return rows.to(part.device)
 
 
 def _collective_device() -> torch.device:
