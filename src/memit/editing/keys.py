@@ -80,7 +80,7 @@ def compute_keys_at(
 ) -> dict[int, torch.Tensor]:
     """:func:`compute_keys` at several increasing layers, from one pass over the prompts. In a
     torch.distributed group each process computes the keys of its share of the requests (those
-    of 10,000 requests under a dozen templates take an hour on one CPU core)."""
+    of 3,000 requests under 11 context templates at 5 layers took 0.4 h on one CPU core)."""
     names = [layout.mlp_out_name(layer) for layer in layers]
 
     def keys_of(share: list[EditRequest]) -> torch.Tensor:

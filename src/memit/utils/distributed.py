@@ -66,10 +66,7 @@ def rows_by_shard(items: Sequence[T], rows_of: Callable[[list[T]], torch.Tensor]
         return rows_of(list(items))
     part = rows_of(shard(items))
     parts = all_gather(part.cpu())
-    rows = torch.empty((len(items), *part.shape[1:]), dtype=part.dtype)
-    for r, share in enumerate(parts):
-        rows[r :: world_size()] = share
-    return rows.to(part.device)
+    return torch.stack(unshard([list(share) for share in parts])).to(part.device)
 
 
 def _collective_device() -> torch.device:
