@@ -14,7 +14,7 @@ from memit.errors import InputError
 from memit.stats import load_corpus
 from memit.tuning import TuneConfig, candidate_windows, tune
 from memit.tuning.run import load_tuning_cases
-from memit.tuning.search import TRIALS_FILE
+from memit.tuning.search import TRIALS_FILE, _Search
 from tests.conftest import COUNTERFACT, DATA_DIR, random_llama
 from tests.test_tracing import _knowns_file
 
@@ -50,7 +50,7 @@ def test_candidate_windows_end_at_centre_on_and_start_at_the_peak():
 
 
 def test_a_refinement_keeps_the_current_setting_unless_beaten_beyond_noise():
-    from memit.tuning.search import Trial, TrialResult, _Search
+    from memit.tuning.search import Trial, TrialResult
 
     def result(steps: int, per_case: list[float], norm: float) -> TrialResult:
         score = sum(per_case) / len(per_case)
@@ -85,13 +85,15 @@ def test_tune_finds_the_best_setting_and_resumes_after_a_kill(default_model, bas
     hp = result.hparams
     assert hp.layers in candidate_windows(EFFECT, 2)
     largest = [r for r in result.results if r.trial.mom2_n_samples == 16]
-    best = max(largest, key=lambda r: r.rank)
-    assert (tuple(hp.layers), hp.v_lr, hp.v_num_grad_steps, hp.mom2_update_weight) == (
-        best.trial.layers, best.trial.v_lr, best.trial.v_num_grad_steps, best.trial.mom2_update_weight)
+    setting = (tuple(hp.layers), hp.v_lr, hp.v_num_grad_steps, hp.mom2_update_weight)
+    best = next(r for r in largest if (r.trial.layers, r.trial.v_lr, r.trial.v_num_grad_steps, r.trial.mom2_update_weight) == setting)
+    # No other setting beats it beyond noise (one within noise may rank a little higher).
+    assert _Search.refine(best, largest) is best
     assert hp.mom2_n_samples in (8, 16)
-    # The edits change what the model says: the best trial makes the new targets win.
-    assert best.paraphrase > result.unedited["paraphrase"]
-    assert best.magnitude > result.unedited["magnitude"]
+    # The edits move the model towards the new targets. (Of these two cases the unedited model
+    # already prefers the new target on the edit prompts, and success rates on two cases tie
+    # easily, so the probability margin is what shows it.)
+    assert best.magnitude > result.unedited["magnitude"] + 0.05, (best, result.unedited)
     assert {r.stage for r in result.results} == {"layers", "lambda", "z", "samples"}
     assert len(result.results) == 2 * 2 + 1 + 2 + 1
     samples_trial = next(r for r in result.results if r.stage == "samples")
