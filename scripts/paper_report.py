@@ -3,21 +3,26 @@
 scaling curve, the update's size, what the solves left unwritten and what the target-vector
 cache saved; for the sequential runs, success by the edits' age.
 
-    python scripts/paper_report.py [--results results] [--figures docs/evaluation]
+Each finished run's summary is kept in ``--archive`` (committed with the docs), so the tables and
+plots still hold the runs whose folders a fresh machine no longer has; a run folder that is
+there replaces its archived summary.
+
+    python scripts/paper_report.py [--results results] [--figures docs/evaluation] [--archive docs/evaluation/paper_runs.json]
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 from pathlib import Path
 
 from memit.editing.target_cache import cache_cost
 from memit.evaluation.scaling import edits_so_far, plot_scaling
 from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, markdown_table, summarize_run
+from memit.utils.io import read_json, write_json
 
 PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
+AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
 
 def finished_runs(folder: Path) -> list[RunSummary]:
@@ -31,25 +36,13 @@ def finished_runs(folder: Path) -> list[RunSummary]:
     return sorted(summaries, key=lambda s: (s.params["config"]["alg"], edits_so_far(s)))
 
 
-@functools.cache
-def case_records(run_dir: Path) -> list[dict]:
-    """A run's case files, read once for all the tables."""
-    return load_case_records(run_dir)
-
-
-def target_seconds(summary: RunSummary) -> float:
-    """Seconds the run itself spent computing target vectors (each group counted once)."""
-    groups = {tuple(r["grouped_case_ids"]): r["time"]["target_seconds"] for r in case_records(summary.run_dir)}
-    return sum(groups.values())
-
-
 def time_table(summaries: list[RunSummary]) -> str:
     """Hours per run and, per method, in all: a run reuses the edits and target vectors that
     earlier runs saved, so a method's runs add up to what its whole series cost."""
     rows = [["method", "edits", "edit h", "of which target vectors h", "scoring h"], ["---", *["---:"] * 4]]
 
     def row(alg: str, edits: str, runs: list[RunSummary]) -> list[str]:
-        hours = [sum(f(s) for s in runs) / 3600 for f in (lambda s: s.edit_seconds, target_seconds, lambda s: s.post_seconds)]
+        hours = [sum(f(s) for s in runs) / 3600 for f in (lambda s: s.edit_seconds, lambda s: s.target_seconds, lambda s: s.post_seconds)]
         return [alg, edits, *(f"{h:.2f}" for h in hours)]
 
     methods: dict[str, list[RunSummary]] = {}
@@ -60,13 +53,12 @@ def time_table(summaries: list[RunSummary]) -> str:
     return markdown_table(rows)
 
 
-def cache_saving(summaries: list[RunSummary], cache: Path) -> str:
+def cache_saving(summaries: list[RunSummary], count: int, seconds: float) -> str:
     """The cache holds every target vector of the curve, each computed once (possibly over
     several sessions: the runs' own timings miss what a killed run computed); without it every
     run computes all of its own."""
-    count, seconds = cache_cost(cache)
     if not count:
-        return f"no target vectors cached in {cache}"
+        return "no target vectors cached"
     requested = sum(s.num_cases for s in summaries)
     per_vector = seconds / count
     return (f"target vectors: {count:,} computed once in {seconds / 3600:.1f} h ({per_vector:.2f} s each); without the cache the "
@@ -87,41 +79,71 @@ def capacity_table(summaries: list[RunSummary]) -> str:
     return markdown_table(rows)
 
 
-def age_table(summaries: list[RunSummary], block: int = 500) -> str:
-    """Efficacy and paraphrase success of the edits of each block of ``block`` (oldest first):
-    whether a sequential method loses its old edits or fails to write new ones."""
-    longest = max(edits_so_far(s) for s in summaries)
-    blocks = range(0, longest, block)
-    head = ["method", "edits so far", *(f"edits {b + 1:,}-{b + block:,}" for b in blocks)]
-    rows = [head, ["---", "---:", *["---:"] * len(blocks)]]
-    for s in summaries:
-        # A case's age: its place in the order its group was edited.
-        aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in case_records(s.run_dir)]
-        cells = []
-        for b in blocks:
-            mine = [post for age, post in aged if b <= age < b + block]
-            cells.append(" / ".join(f"{100 * statistics.fmean(p[k] for p in mine):.1f}" for k in ("efficacy_success", "paraphrase_success"))
-                         if mine else "")
-        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", *cells])
+def success_by_age(summary: RunSummary) -> list[list[float] | None]:
+    """Mean efficacy and paraphrase success of the edits of each block of ``AGE_BLOCK``, oldest
+    first: whether a sequential method loses its old edits or fails to write new ones."""
+    # A case's age: its place in the order its group was edited.
+    aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in load_case_records(summary.run_dir)]
+    blocks = []
+    for b in range(0, edits_so_far(summary), AGE_BLOCK):
+        mine = [post for age, post in aged if b <= age < b + AGE_BLOCK]
+        blocks.append([statistics.fmean(p[k] for p in mine) for k in ("efficacy_success", "paraphrase_success")] if mine else None)
+    return blocks
+
+
+def age_table(summaries: list[RunSummary], ages: list[list[list[float] | None]]) -> str:
+    longest = max(len(a) for a in ages)
+    head = ["method", "edits so far", *(f"edits {b * AGE_BLOCK + 1:,}-{(b + 1) * AGE_BLOCK:,}" for b in range(longest))]
+    rows = [head, ["---", "---:", *["---:"] * longest]]
+    for s, blocks in zip(summaries, ages):
+        cells = [" / ".join(f"{100 * v:.1f}" for v in block) if block else "" for block in blocks]
+        rows.append([s.params["config"]["alg"], f"{edits_so_far(s):,}", *cells, *[""] * (longest - len(cells))])
     return "efficacy / paraphrase success by the edits' age\n\n" + markdown_table(rows)
+
+
+def run_key(folder: str, summary: RunSummary) -> str:
+    return f"{folder}/{summary.params['config']['alg']}/{edits_so_far(summary)}"
+
+
+def update_archive(archive: dict, results: Path) -> None:
+    """Puts every finished run of ``results`` into ``archive`` (replacing its earlier summary),
+    and the target-vector cache's cost once the cache holds at least as many vectors."""
+    for folder in PARTS.values():
+        sequential = folder != PARTS["scaling"]
+        for s in finished_runs(results / folder):
+            archive["runs"][run_key(folder, s)] = {"summary": s.to_record(), "by_age": success_by_age(s) if sequential else None}
+    count, seconds = cache_cost(results / PARTS["scaling"] / TARGET_CACHE)
+    if count >= archive["target_cache"]["count"]:
+        archive["target_cache"] = {"count": count, "seconds": seconds}
+
+
+def archived_runs(archive: dict, folder: str) -> list[dict]:
+    """The folder's archived runs, by method then number of edits."""
+    runs = [run for key, run in archive["runs"].items() if key.startswith(f"{folder}/")]
+    return sorted(runs, key=lambda run: (run["summary"]["params"]["config"]["alg"], edits_so_far(RunSummary.from_record(run["summary"]))))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--figures", type=Path, default=Path("docs/evaluation"))
+    p.add_argument("--archive", type=Path, default=Path("docs/evaluation/paper_runs.json"))
     args = p.parse_args()
+    archive = read_json(args.archive, what="archive") if args.archive.is_file() else {"runs": {}, "target_cache": {"count": 0, "seconds": 0.0}}
+    update_archive(archive, args.results)
+    write_json(args.archive, archive)
     for part, folder in PARTS.items():
-        summaries = finished_runs(args.results / folder)
-        if not summaries:
-            print(f"## {part}: no finished run in {args.results / folder}\n")
+        runs = archived_runs(archive, folder)
+        if not runs:
+            print(f"## {part}: no finished run in {args.results / folder} or {args.archive}\n")
             continue
+        summaries = [RunSummary.from_record(run["summary"]) for run in runs]
         print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
         if part.startswith("sequential"):
-            print(age_table(summaries) + "\n")
+            print(age_table(summaries, [run["by_age"] for run in runs]) + "\n")
         if part == "scaling":
             print(capacity_table(summaries) + "\n")
-            print(cache_saving(summaries, args.results / folder / TARGET_CACHE) + "\n")
+            print(cache_saving(summaries, **archive["target_cache"]) + "\n")
         png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"default model, counterfact-edit.json ({part})")
         print(f"plot: {png}\n")
 

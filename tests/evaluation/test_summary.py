@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from memit.cli import main
 from memit.evaluation.runner import RunConfig
 from memit.evaluation.scaling import cases_for, find_run, plot_scaling, scaling_series
-from memit.evaluation.summary import format_table, summarize_run
+from memit.evaluation.summary import RunSummary, format_comparison, format_table, summarize_run
 
 
 def _make_run(folder, num_edits, cases, dataset="cf", alg="MEMIT", update=None):
@@ -159,3 +159,20 @@ def test_neighborhood_answers_compared_with_the_unedited_model(tmp_path):
     # Case files written before the "mentioned" judgement get it from their stored answers
     # (every answer here is judged against "x", which none mentions).
     assert s.value("post", "gen_efficacy_mention") == 0.0 and s.value("pre", "gen_neighborhood_mention") == 0.0
+
+
+def test_a_summary_rebuilt_from_its_record_reports_the_same(tmp_path):
+    run = _make_run(tmp_path / "run_000", 2, [(_cf(0.0, 0.0, 1.0, 5.0), _cf(1.0, 0.5, 0.5, 4.0)), (_cf(0.0, 1.0, 1.0), _cf(1.0, 1.0, 0.0))])
+    for i in range(2):
+        case = run / f"case_{i}.json"
+        record = json.loads(case.read_text())
+        record.update(grouped_case_ids=[0, 1], time={"edit_seconds": 30.0, "target_seconds": 20.0, "post_seconds": 3.0},
+                      update={"norm": 2.0, "relative": 0.0123, "unwritten": 0.25})
+        case.write_text(json.dumps(record))
+    summary = summarize_run(run)
+    assert summary.target_seconds == 20.0
+    for path in run.iterdir():
+        path.unlink()
+    rebuilt = RunSummary.from_record(json.loads(json.dumps(summary.to_record())))
+    assert rebuilt == summary
+    assert format_comparison([rebuilt]) == format_comparison([summary]) and format_table(rebuilt) == format_table(summary)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class RunSummary:
     stats: dict[str, dict[str, Stat]] = field(default_factory=dict)
     consistency_tfidf: str | None = None
     edit_seconds: float = 0.0  # summed over the run's groups
+    target_seconds: float = 0.0  # the part of edit_seconds spent on target vectors
     post_seconds: float = 0.0  # scoring the edited model, summed over cases
     # The groups' mean update norm, absolute and relative to the changed weights (None for
     # runs recorded before it was).
@@ -102,6 +103,15 @@ class RunSummary:
             return self.num_cases
         stat = self.stats[phase].get(key)
         return None if stat is None else stat.mean
+
+    def to_record(self) -> dict[str, Any]:
+        """All of the summary, plain JSON: :meth:`from_record` rebuilds it once the run folder is gone."""
+        return {**asdict(self), "run_dir": str(self.run_dir)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "RunSummary":
+        stats = {phase: {key: Stat(**stat) for key, stat in by_key.items()} for phase, by_key in record["stats"].items()}
+        return cls(**{**record, "run_dir": Path(record["run_dir"]), "stats": stats})
 
     def to_json(self) -> dict[str, Any]:
         config = self.params.get("config", {})
@@ -174,6 +184,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
                 summary.stats[phase][key] = Stat(statistics.fmean(values), statistics.pstdev(values), len(values))
     groups = {tuple(r.get("grouped_case_ids", [r.get("case_id")])): r for r in records}
     summary.edit_seconds = sum(r.get("time", {}).get("edit_seconds", 0.0) for r in groups.values())
+    summary.target_seconds = sum(r.get("time", {}).get("target_seconds", 0.0) for r in groups.values())
     updates = [r["update"] for r in groups.values() if "update" in r]
     if updates:
         summary.update_norm = statistics.fmean(u["norm"] for u in updates)
