@@ -26,14 +26,14 @@ AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
 
 def finished_runs(folder: Path) -> list[RunSummary]:
-    """The runs whose every case is scored, by method then number of edits."""
+    """The runs whose every case is scored."""
     summaries = []
     for params in sorted(folder.glob("*/run_*/params.json")):
         summary = summarize_run(params.parent)
         config = summary.params["config"]
         if summary.num_cases and summary.num_cases == config.get("limit"):
             summaries.append(summary)
-    return sorted(summaries, key=lambda s: (s.params["config"]["alg"], edits_so_far(s)))
+    return summaries
 
 
 def time_table(summaries: list[RunSummary]) -> str:
@@ -117,10 +117,10 @@ def update_archive(archive: dict, results: Path) -> None:
         archive["target_cache"] = {"count": count, "seconds": seconds}
 
 
-def archived_runs(archive: dict, folder: str) -> list[dict]:
-    """The folder's archived runs, by method then number of edits."""
-    runs = [run for key, run in archive["runs"].items() if key.startswith(f"{folder}/")]
-    return sorted(runs, key=lambda run: (run["summary"]["params"]["config"]["alg"], edits_so_far(RunSummary.from_record(run["summary"]))))
+def archived_runs(archive: dict, folder: str) -> list[tuple[RunSummary, list | None]]:
+    """The folder's archived runs (summary, success by age), by method then number of edits."""
+    runs = [(RunSummary.from_record(run["summary"]), run["by_age"]) for key, run in archive["runs"].items() if key.startswith(f"{folder}/")]
+    return sorted(runs, key=lambda run: (run[0].params["config"]["alg"], edits_so_far(run[0])))
 
 
 def main() -> None:
@@ -137,10 +137,10 @@ def main() -> None:
         if not runs:
             print(f"## {part}: no finished run in {args.results / folder} or {args.archive}\n")
             continue
-        summaries = [RunSummary.from_record(run["summary"]) for run in runs]
+        summaries = [summary for summary, _ in runs]
         print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
         if part.startswith("sequential"):
-            print(age_table(summaries, [run["by_age"] for run in runs]) + "\n")
+            print(age_table(summaries, [by_age for _, by_age in runs]) + "\n")
         if part == "scaling":
             print(capacity_table(summaries) + "\n")
             print(cache_saving(summaries, **archive["target_cache"]) + "\n")
