@@ -136,3 +136,28 @@ def test_cli_use_cache(tmp_path, default_model):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(files(tmp_path / "z")) == 1
+
+
+def test_the_targets_command_fills_the_cache_that_an_evaluation_then_reads(tmp_path, default_model, default_hparams):
+    model, tok = default_model
+    data_file = tmp_path / "cases.json"
+    data_file.write_text(json.dumps(json.loads(COUNTERFACT.read_text())[:2]))
+    hp = tmp_path / "hp.json"
+    default_hparams.save(hp)
+    cache = tmp_path / "z"
+
+    missing = CliRunner().invoke(main, ["targets", "--data-file", str(data_file), "--hparams", str(hp)])
+    assert missing.exit_code != 0 and "--target-cache" in missing.output
+    result = CliRunner().invoke(main, ["targets", "--data-file", str(data_file), "--hparams", str(hp), "--target-cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert "2 target vectors" in result.output and len(files(cache)) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in files(cache)}
+
+    config = RunConfig(model="default", data_file=str(data_file), num_edits=2, hparams=str(hp), skip_generation=True,
+                       generated_answers=False, out=str(tmp_path / "runs"))
+    run_dir = run_evaluation(config, model, tok, options=EditOptions(target_cache=str(cache)))
+    # The edit found both targets cached: no file was added or rewritten, and no time spent on them.
+    assert {p: p.stat().st_mtime_ns for p in files(cache)} == stamps
+    records = [json.loads(p.read_text()) for p in run_dir.glob("case_*.json")]
+    assert len(records) == 2 and all(r["time"]["target_seconds"] < 0.5 for r in records)
+    assert all(r["post"]["efficacy_success"] == 1.0 for r in records), records

@@ -168,6 +168,7 @@ from memit.evaluation import cli as _evaluation_cli  # noqa: E402  (evaluation c
 main.add_command(_evaluation_cli.evaluate)
 main.add_command(_evaluation_cli.summarize)
 main.add_command(_evaluation_cli.scale)
+main.add_command(_evaluation_cli.targets)
 main.add_command(_evaluation_cli.download)
 
 from memit.tracing.cli import trace as _trace  # noqa: E402

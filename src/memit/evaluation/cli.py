@@ -1,4 +1,4 @@
-"""The ``memit evaluate``, ``summarize``, ``scale`` and ``download`` commands."""
+"""The ``memit evaluate``, ``summarize``, ``scale``, ``targets`` and ``download`` commands."""
 from __future__ import annotations
 
 import logging
@@ -144,6 +144,42 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
     path = Path(plot_path or Path(out) / alg / f"{'sequential' if ks else 'scaling'}_{dataset}.png")
     plot_scaling(summaries, path, title=f"{alg} on {model_name}, {dataset}")
     click.echo(f"Plot written to {path}")
+
+
+@click.command()
+@click.option("--alg", default="MEMIT", show_default=True, type=click.Choice(["MEMIT", "AlphaEdit"]),
+              help="Method whose target vectors to compute (the two share them).")
+@click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
+@click.option("--data-file", required=True, type=click.Path(dir_okay=False, exists=True), help="Cases: CounterFact, MEND CounterFact or zsRE schema.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Only the first N editable cases.")
+@click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset).")
+@edit_options
+@model_options
+def targets(alg, model_name, data_file, limit, hparams, load, **edit_opts):
+    """Compute the target vectors of a data file's editable cases into a target cache, so that
+    later runs with that --target-cache skip them (say on a GPU machine, before long runs on
+    CPUs). The cache is keyed by the model's weights: load the model in the dtype (--dtype)
+    and with the --bf16 setting of the runs that will read it."""
+    from memit.editing.common import context_templates, layer_targets
+    from memit.editing.methods import get_editor_class, resolve_hparams
+    from memit.evaluation.datasets import load_cases
+    from memit.evaluation.runner import batch_requests, editable_cases
+    from memit.models import load_model
+    from memit.utils.distributed import is_main
+
+    options = edit_options_from(**edit_opts)
+    if options.target_cache is None:
+        raise click.UsageError("--target-cache (or --use-cache) names the folder to fill")
+    model, tok = load_model(model_name, **load)
+    hp = resolve_hparams(alg, hparams, model)
+    cases, skipped = editable_cases(load_cases(None, data_file)[2], tok, limit)
+    requests = batch_requests(cases)
+    layout = get_editor_class(alg)(hp, options).layout(model)
+    start = time.perf_counter()
+    layer_targets(model, tok, layout, requests, hp, context_templates(model, tok, hp, options), options)
+    if is_main():
+        click.echo(f"{len(requests)} target vectors in {options.target_cache} ({len(skipped)} cases not editable), "
+                   f"{time.perf_counter() - start:.0f} s")
 
 
 @click.command()

@@ -552,7 +552,7 @@ def _run_group(
     try:
         start = time.perf_counter()
         for k, batch in enumerate(_groups(group, config.num_edits)):
-            requests = _batch_requests(batch)
+            requests = batch_requests(batch)
             if config.reuse_edits:
                 keys.append(edit_key(editor, model, requests, keys))
                 folder = Path(config.out) / EDIT_CACHE / keys[-1]
@@ -621,7 +621,7 @@ def _rewrites(case: Case) -> dict[str, Any]:
     return {"requested_rewrite": requests[0].to_dict(), "requested_rewrites": [r.to_dict() for r in requests]}
 
 
-def _batch_requests(batch: list[Case]) -> list[EditRequest]:
+def batch_requests(batch: list[Case]) -> list[EditRequest]:
     """The edits of a batch; one fact asked for by several cases (MQuAKE chains share
     edits) is edited once."""
     unique: dict[tuple[str, str, str], EditRequest] = {}
