@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from memit import EditOptions, ModelLayout
 from memit.cli import main
 from memit.editing.common import context_templates
-from memit.editing.target_cache import cache_cost
+from memit.editing.target_cache import cache_cost, device_label
 from memit.editing.targets import compute_targets
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.requests import parse_requests
@@ -49,8 +49,9 @@ def files(folder):
 def test_a_hit_reads_the_file_and_equals_the_computation(setting, tmp_path):
     first = targets(setting, REQUESTS, tmp_path)
     assert len(files(tmp_path)) == 3
-    count, seconds = cache_cost(tmp_path)  # each file records its share of its batch's time
-    assert count == 3 and seconds > 0
+    # Each file records its share of its batch's time, and where it was computed.
+    [(device, (count, seconds))] = cache_cost(tmp_path).items()
+    assert device == device_label(setting[0]) and count == 3 and seconds > 0
     uncached = targets(setting, REQUESTS, None)
     torch.testing.assert_close(first.delta, uncached.delta)
     # Each request's result does not depend on its batch, which is what makes the cache valid.

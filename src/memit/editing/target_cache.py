@@ -63,6 +63,7 @@ class TargetCache:
         autocast: bool,
     ):
         self.root = Path(root)
+        self.device = device_label(model)
         self.setting = {
             "weights": weights_fingerprint(model),
             "z": {name: getattr(hparams, name) for name in Z_FIELDS},
@@ -86,18 +87,29 @@ class TargetCache:
         return tensors["init"], tensors["delta"], tensors["final_loss"]
 
     def save(self, request: EditRequest, init: torch.Tensor, delta: torch.Tensor, final_loss: torch.Tensor, seconds: float) -> None:
-        """``seconds``: what computing this request's vector cost (its share of its batch)."""
+        """``seconds``: what computing this request's vector cost (its share of its batch), on
+        the device the file records."""
         tensors = {"init": init, "delta": delta, "final_loss": final_loss.reshape(1)}
         with atomic_path(self.path(request)) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"seconds": f"{seconds:.4f}"})
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"seconds": f"{seconds:.4f}", "device": self.device})
 
 
-def cache_cost(root: str | Path) -> tuple[int, float]:
-    """How many target vectors a cache folder holds and the seconds their computation took
-    (files written before the seconds were recorded count as none)."""
-    count, seconds = 0, 0.0
+def device_label(model: PreTrainedModel) -> str:
+    """Where a model computes: ``cpu``, ``mps`` or ``cuda:<GPU name>`` (a cache filled on a GPU
+    costs another time per vector than one filled on CPUs)."""
+    device = next(model.parameters()).device
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def cache_cost(root: str | Path) -> dict[str, tuple[int, float]]:
+    """Per device (:func:`device_label`; ``unrecorded`` for files written before the device
+    was recorded): how many target vectors a cache folder holds and the seconds their
+    computation took (files written before the seconds were recorded count as none)."""
+    cost: dict[str, tuple[int, float]] = {}
     for path in Path(root).rglob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
-            count += 1
-            seconds += float((f.metadata() or {}).get("seconds", 0.0))
-    return count, seconds
+            metadata = f.metadata() or {}
+        device = metadata.get("device", "unrecorded")
+        count, seconds = cost.get(device, (0, 0.0))
+        cost[device] = (count + 1, seconds + float(metadata.get("seconds", 0.0)))
+    return cost
