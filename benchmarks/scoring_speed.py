@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from memit import load_model
+from memit.editing.target_cache import device_label
 from memit.evaluation.datasets import load_cases
 from memit.evaluation.metrics_counterfact import counterfact_pairs
 from memit.evaluation.runner import CASES_PER_CHUNK
@@ -75,7 +76,7 @@ def main() -> None:
     # Pairs come as (target_new, target_true) per prompt: a success decision compares the two.
     decisions = sum((ref[i + 1] > ref[i]) != (new[i + 1] > new[i]) for i in range(0, len(ref), 2))
     report = {
-        "model": args.model, "cases": len(cases), "threads": torch.get_num_threads(),
+        "model": args.model, "device": device_label(model), "cases": len(cases), "threads": torch.get_num_threads(),
         "reference_s_per_case": round(timings["reference"], 3), "memit_s_per_case": round(timings["memit"], 3),
         "speedup": round(timings["reference"] / timings["memit"], 2), "max_nll_difference": worst, "success_decisions_differing": decisions,
     }
