@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from memit import load_model
-from memit.editing.target_cache import device_label
 from memit.evaluation.datasets import load_cases
 from memit.evaluation.metrics_counterfact import counterfact_pairs
 from memit.evaluation.runner import CASES_PER_CHUNK
 from memit.predict import prefetched_scores, score_continuations
+from memit.utils.devices import device_label
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))

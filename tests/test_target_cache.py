@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 from memit import EditOptions, ModelLayout
 from memit.cli import main
 from memit.editing.common import context_templates
-from memit.editing.target_cache import cache_cost, device_label
+from memit.editing.target_cache import cache_cost
 from memit.editing.targets import compute_targets
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.requests import parse_requests
+from memit.utils.devices import device_label
 from tests.conftest import COUNTERFACT
 
 REQUESTS = [

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from memit.editing.context import ContextTemplates
 from memit.editing.hparams import ZOptimizationParams
 from memit.requests import EditRequest
+from memit.utils.devices import device_label
 from memit.utils.io import atomic_path, memit_home
 
 # The settings of the optimisation that change its result.
@@ -92,13 +93,6 @@ class TargetCache:
         tensors = {"init": init, "delta": delta, "final_loss": final_loss.reshape(1)}
         with atomic_path(self.path(request)) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"seconds": f"{seconds:.4f}", "device": self.device})
-
-
-def device_label(model: PreTrainedModel) -> str:
-    """Where a model computes: ``cpu``, ``mps`` or ``cuda:<GPU name>`` (a cache filled on a GPU
-    costs another time per vector than one filled on CPUs)."""
-    device = next(model.parameters()).device
-    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
 
 def cache_cost(root: str | Path) -> dict[str, tuple[int, float]]:

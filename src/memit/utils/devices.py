@@ -9,3 +9,10 @@ def float64_device(device: torch.device | str) -> torch.device:
     (Apple MPS)."""
     device = torch.device(device)
     return torch.device("cpu") if device.type == "mps" else device
+
+
+def device_label(model: torch.nn.Module) -> str:
+    """Where a model computes: ``cpu``, ``mps`` or ``cuda:<GPU name>`` (a cache filled on a GPU
+    costs another time per vector than one filled on CPUs)."""
+    device = next(model.parameters()).device
+    return f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
