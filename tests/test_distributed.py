@@ -149,3 +149,12 @@ def test_scoring_split_across_processes_fills_one_run_folder_with_the_same_numbe
             for key in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
                 assert ra[phase][key] == rb[phase][key], (a.name, phase, key)
             assert ra[phase]["efficacy_magnitude"] == pytest.approx(rb[phase]["efficacy_magnitude"], abs=1e-3)
+
+
+def test_more_processes_than_cuda_devices_is_a_clear_error():
+    from memit.errors import InputError
+    from memit.utils.distributed import process_cuda_device
+
+    assert process_cuda_device(1, 2) == 1
+    with pytest.raises(InputError, match="nproc-per-node.*at most 1"):
+        process_cuda_device(1, 1)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from memit.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -23,9 +25,20 @@ def init_from_environment() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(process_cuda_device(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def process_cuda_device(local_rank: int, device_count: int) -> int:
+    """The CUDA device of the process with ``local_rank``: its own, since nccl cannot put two
+    processes of one group on one device."""
+    if local_rank >= device_count:
+        raise InputError(
+            f"torchrun --nproc-per-node: process {local_rank} of this machine has no CUDA device of its own "
+            f"({device_count} visible); nccl needs one per process, so start at most {device_count}"
+        )
+    return local_rank
 
 
 def is_distributed() -> bool:
