@@ -25,13 +25,22 @@ TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh s
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
 
+def planned_cases(params: dict) -> int:
+    """How many cases a run set out to score: its limit, or fewer where the data file has fewer
+    editable cases (recorded by runs since ``planned_cases``; counted from the file before)."""
+    if "planned_cases" in params:
+        return params["planned_cases"]
+    config = params["config"]
+    in_file = len(read_json(config["data_file"], what="data file")) - len(params.get("skipped_case_ids", []))
+    return min(config["limit"], in_file)
+
+
 def finished_runs(folder: Path) -> list[RunSummary]:
     """The runs whose every case is scored."""
     summaries = []
     for params in sorted(folder.glob("*/run_*/params.json")):
         summary = summarize_run(params.parent)
-        config = summary.params["config"]
-        if summary.num_cases and summary.num_cases == config.get("limit"):
+        if summary.num_cases and summary.num_cases == planned_cases(summary.params):
             summaries.append(summary)
     return summaries
 

@@ -129,6 +129,7 @@ def test_sequential_batches_and_reuse_of_a_finished_edit(default_model, fast_hpa
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
     params = json.loads((run_dir / "params.json").read_text())
     assert params["config"]["sequential_batches"] == 2 and params["hparams"]["v_num_grad_steps"] == 2
+    assert params["planned_cases"] == len(records)  # how a report tells a finished run
 
 
 def test_sequential_alphaedit_continued_between_batches_preserves_the_first(default_model, default_hparams, tmp_path, caplog):

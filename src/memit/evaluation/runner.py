@@ -502,7 +502,7 @@ def run_evaluation(
     config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
     run_dir = start_run(run_dir, config, hparams, {
         "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
-        "skipped_case_ids": skipped, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped_case_ids": skipped, "planned_cases": len(cases), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     # One editor for the whole run, so that what it derives from the statistics is reused.
     editor = get_editor_class(config.alg)(hparams, options)
