@@ -74,7 +74,13 @@ def part_conversion(model, tok, out):
     return {"fingerprint": model_fingerprint(model)}
 
 
-PARTS = {"statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "edit": part_edit, "conversion": part_conversion}
+def part_sharding(model, tok, out):
+    from memit.utils.distributed import shard
+
+    return {"share": shard(list(range(20)), heavy=lambda i: i % 10 == 0)}
+
+
+PARTS = {"sharding": part_sharding, "statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "edit": part_edit, "conversion": part_conversion}
 
 
 def _worker(rank: int, part: str, port: int, out: str) -> None:
@@ -149,6 +155,14 @@ def test_scoring_split_across_processes_fills_one_run_folder_with_the_same_numbe
             for key in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
                 assert ra[phase][key] == rb[phase][key], (a.name, phase, key)
             assert ra[phase]["efficacy_magnitude"] == pytest.approx(rb[phase]["efficacy_magnitude"], abs=1e-3)
+
+
+def test_heavy_items_are_dealt_out_evenly_across_processes(tmp_path):
+    """Fluency on every 10th case in 2 processes: dealt out with the rest, every such case
+    would go to rank 0."""
+    shares = [r["share"] for r in run_distributed("sharding", tmp_path)]
+    assert [[i for i in share if i % 10 == 0] for share in shares] == [[0], [10]]
+    assert sorted(shares[0] + shares[1]) == list(range(20)) and len(shares[0]) == len(shares[1])
 
 
 def test_more_processes_than_cuda_devices_is_a_clear_error():

@@ -542,7 +542,8 @@ def _run_group(
 ) -> None:
     """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert.
     In a torch.distributed group every process makes the edits and scores its share of the cases."""
-    pending = distributed.shard([c for c in group if not case_file(run_dir, c).is_file()])
+    spec = _run_spec(config)
+    pending = distributed.shard([c for c in group if not case_file(run_dir, c).is_file()], heavy=lambda c: _has_generation(c, spec, scoring))
     start = time.perf_counter()
     pre = _pre_metrics(model, tok, pending, scoring, config, pre_cache)
     pre_seconds = time.perf_counter() - start
@@ -566,7 +567,7 @@ def _run_group(
         target_seconds = sum(d.timings.get("target_vectors", 0.0) for d in applied)
         log.info("Edited %d cases in %.0f s (update norm %.3g, %.3g of the weights'); scoring the edited model",
                  len(group), edit_seconds, update["norm"], update["relative"])
-        scored = evaluate_cases(model, tok, pending, scoring, _run_spec(config))
+        scored = evaluate_cases(model, tok, pending, scoring, spec)
         for case, post, seconds in progress(scored, total=len(pending), desc="post-edit scoring", unit="cases", logger=log, leave=False):
             record = {
                 "case_id": case.case_id,

@@ -57,9 +57,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def shard(items: Sequence[T]) -> list[T]:
-    """This process's share: every ``world_size()``-th item from its rank on."""
-    return list(items[rank() :: world_size()])
+def shard(items: Sequence[T], heavy: Callable[[T], bool] | None = None) -> list[T]:
+    """This process's share: every ``world_size()``-th item from its rank on. With ``heavy``,
+    the heavy items and the rest are dealt out separately: dealt out together, heavy items that
+    recur at a period the world size divides (fluency on every 10th case, 2 processes) all go to
+    one process, which the others then wait for."""
+    if heavy is None:
+        return list(items[rank() :: world_size()])
+    return shard([i for i in items if heavy(i)]) + shard([i for i in items if not heavy(i)])
 
 
 def unshard(parts: list[list[T]]) -> list[T]:
