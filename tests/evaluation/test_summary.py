@@ -46,6 +46,14 @@ def test_summary_means_std_and_score(tmp_path):
     assert 3 / sum(1 / m for m in means) == pytest.approx(s.score("post"))
 
 
+def test_an_unfinished_run_says_how_many_cases_it_planned(tmp_path):
+    run = _make_run(tmp_path / "run_000", 3, [(_cf(0.0, 0.0, 0.9), _cf(1.0, 1.0, 0.9))] * 2)
+    params = json.loads((run / "params.json").read_text())
+    for planned, said in ((5, "cases=2 of 5 (unfinished) "), (2, "cases=2 ")):
+        (run / "params.json").write_text(json.dumps({**params, "planned_cases": planned}))
+        assert said in format_table(summarize_run(run))
+
+
 def test_compare_prints_a_row_per_run_and_the_unedited_model(tmp_path):
     one = _make_run(tmp_path / "run_000", 2, [(_cf(0.0, 0.0, 1.0, 5.0), _cf(1.0, 0.5, 0.5, 4.0))] * 2)
     seq = _make_run(tmp_path / "run_001", 1, [(_cf(0.0, 0.0, 1.0, 5.0), _cf(1.0, 1.0, 1.0, 3.0))])

@@ -206,9 +206,11 @@ def metric_labels(dataset: str | None) -> dict[str, str]:
 def format_table(summary: RunSummary) -> str:
     """A paper-style table: mean ± std x 100 for rates and fluency, pre and post."""
     config = summary.params.get("config", {})
+    planned = summary.params.get("planned_cases")
+    unfinished = f" of {planned} (unfinished)" if planned not in (None, summary.num_cases) else ""
     head = (
         f"{summary.run_dir}  alg={config.get('alg')} model={config.get('model')} dataset={config.get('dataset')} "
-        f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases} "
+        f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases}{unfinished} "
         f"prompts={prompt_format_of(summary.params)}"
     )
     lines = [head, f"{'metric (x100)':<34}{'pre':>18}{'post':>18}"]
