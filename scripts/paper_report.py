@@ -12,6 +12,7 @@ there replaces its archived summary.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 
@@ -31,8 +32,14 @@ def planned_cases(params: dict) -> int:
     if "planned_cases" in params:
         return params["planned_cases"]
     config = params["config"]
-    in_file = len(read_json(config["data_file"], what="data file")) - len(params.get("skipped_case_ids", []))
+    in_file = records_in(config["data_file"]) - len(params.get("skipped_case_ids", []))
     return min(config["limit"], in_file)
+
+
+@functools.lru_cache
+def records_in(data_file: str) -> int:
+    """The data file's record count, read once for all the runs of a curve."""
+    return len(read_json(data_file, what="data file"))
 
 
 def finished_runs(folder: Path) -> list[RunSummary]:
