@@ -9,10 +9,16 @@
 #   sequential  MEMIT, AlphaEdit and ROME (and AlphaEdit with ridge 10), 2,000 edits in batches of 100, every case so far
 #            scored after 500, 1,000, 1,500 and 2,000 edits (earlier batches reloaded from the
 #            edit cache); fluency on every 5th case.
+#   rome-bf16  ROME's third sequential run to 2,000 edits, its target vectors under bfloat16
+#            autocast (about 3 s a request on one thread, against 4-5 s in float32, so that it fits
+#            a session): one process makes the 20 batches into the edit cache (scoring only the
+#            cheap teacher-forced metrics, in a folder of its own), the other scores the
+#            checkpoint at 500 edits as soon as its batches are made, then, once the chain is
+#            done, those at 2,000 and 1,500 in NPROC processes.
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
-#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] > results/paper.log 2>&1 &
+#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] [rome-bf16] > results/paper.log 2>&1 &
 # NPROC > 1 runs each command under torchrun, one process (and thread) per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +38,17 @@ for part in "${@:-scaling sequential}"; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 1,10,100,1000,3000,10000 --min-cases 100 --bf16 \
           --generation-interval 10 --target-cache results/paper_scaling/.target_cache --out results/paper_scaling
       done
+    elif [ "$what" = rome-bf16 ]; then
+      rome=(--alg ROME --bf16 --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache)
+      mkdir -p results/rome_bf16/.edit_cache results/rome_chain
+      ln -sfn ../rome_bf16/.edit_cache results/rome_chain/.edit_cache
+      OMP_NUM_THREADS=1 .venv/bin/memit scale "${rome[@]}" --sequential-batches 20 --skip-generation --no-generated-answers \
+        --out results/rome_chain > results/rome_chain.log 2>&1 &
+      chain=$!
+      while [ "$(find results/rome_bf16/.edit_cache -name edit_config.json | wc -l)" -lt 5 ]; do sleep 20; done
+      OMP_NUM_THREADS=1 .venv/bin/memit scale "${rome[@]}" --sequential-batches 5 --generation-interval 5 --out results/rome_bf16
+      wait "$chain"
+      for k in 20 15; do memit scale "${rome[@]}" --sequential-batches "$k" --generation-interval 5 --out results/rome_bf16; done
     else
       for alg in MEMIT AlphaEdit ROME; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \

@@ -21,7 +21,8 @@ from memit.evaluation.scaling import edits_so_far, plot_scaling
 from memit.evaluation.summary import RunSummary, format_comparison, load_case_records, markdown_table, summarize_run
 from memit.utils.io import read_json, write_json
 
-PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe"}
+PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe",
+         "sequential, ROME with bfloat16 target vectors": "rome_bf16"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
