@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import platform
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.models.layout import ModelLayout
 from memit.predict import score_continuations
 from memit.stats import collect_second_moments, load_corpus
+from memit.utils import devices
+from memit.utils.grad import bf16_autocast
 from tests.conftest import COUNTERFACT
 
 PROMPT = "LeBron James plays the sport of"
@@ -41,9 +45,13 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_precision_model_is_edited_and_reverted_bit_for_bit(dtype, small_stats_hparams, tmp_path):
-    model, tok = load_model("default", dtype=dtype, device="cpu")
+def test_a_half_precision_model_is_edited_and_reverted_bit_for_bit(dtype, small_stats_hparams, tmp_path, caplog):
+    devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="memit.utils.devices"):
+        model, tok = load_model("default", dtype=dtype, device="cpu")
     assert model.dtype == getattr(torch, dtype)
+    slow = dtype == "bfloat16" and devices.cpu_lacks_bfloat16_units()
+    assert any("A bfloat16 model (--dtype bfloat16) on a CPU without" in r.getMessage() for r in caplog.records) == slow
     before, p_before = _weights(model), _p_football(model, tok)
     deltas = edit_model(model, tok, [REQUEST], small_stats_hparams, stats_dir=str(tmp_path))
     p_after = _p_football(model, tok)
@@ -112,6 +120,40 @@ def test_cli_edits_on_the_cpu_in_bfloat16(small_stats_hparams, tmp_path):
     assert result.exit_code == 0, result.output
     (entry,) = json.loads(report.read_text())
     assert entry["post"]["target_new_prob"] > 0.5 > entry["pre"]["target_new_prob"]
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_once(monkeypatch, caplog):
+    flags = _cpuinfo_flags()
+    if flags is not None and platform.machine() == "x86_64":
+        # torch's probe agrees with what the kernel says of this CPU
+        assert devices.cpu_lacks_bfloat16_units() == (not flags & {"avx512_bf16", "amx_tile"})
+    for has_units in (False, True):
+        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_units)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        devices.cpu_lacks_bfloat16_units.cache_clear()
+        devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="memit.utils.devices"):
+            for _ in range(3):
+                with bf16_autocast(True, "cpu"):
+                    pass
+            with bf16_autocast(False, "cpu"):
+                pass
+        warned = [r.getMessage() for r in caplog.records if "without bfloat16 units" in r.getMessage()]
+        assert warned == ([] if has_units else ["bfloat16 autocast (--bf16) on a CPU without bfloat16 units (no AVX512_BF16 or AMX): "
+                                                "torch computes its matrix products in software, tens of times slower than float32; "
+                                                "use float32 on this machine"])
+    devices.cpu_lacks_bfloat16_units.cache_clear()
+    devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
 
 
 def test_bad_devices_and_dtypes_name_the_option():

@@ -17,6 +17,7 @@ from memit.errors import InputError, MissingFileError
 from memit.models.packaged import PACKAGED_MODELS, assemble_gguf
 from memit.utils import distributed
 from memit.utils.compat import dtype_kwargs, gguf_dequantize_kwargs, gguf_fixes
+from memit.utils.devices import warn_if_cpu_bfloat16_is_slow
 from memit.utils.io import current_umask, memit_home, read_json
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def load_model(
         model, tok = _load_pretrained(name, torch_dtype, placement)
     if target_device is not None:
         model.to(target_device)
+    if any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters()):
+        warn_if_cpu_bfloat16_is_slow("A bfloat16 model (--dtype bfloat16)")
     return model.eval(), _prepare_tokenizer(tok)
 
 

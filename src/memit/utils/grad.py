@@ -7,6 +7,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from memit.utils.devices import warn_if_cpu_bfloat16_is_slow
+
 
 @contextlib.contextmanager
 def trainable_only(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Iterator[None]:
@@ -25,4 +27,9 @@ def trainable_only(model: nn.Module, params: Iterable[nn.Parameter] = ()) -> Ite
 
 def bf16_autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on the device type of ``device`` (the model's), when ``enabled``."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        warn_if_cpu_bfloat16_is_slow("bfloat16 autocast (--bf16)")
+    return torch.autocast(device_type, dtype=torch.bfloat16)
