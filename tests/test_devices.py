@@ -44,9 +44,20 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.device.type != "meta"}
 
 
+@pytest.fixture
+def fresh_bfloat16_probe():
+    """The probe and its once-per-process warning start afresh, and leave nothing a patched probe
+    answered to later tests (also when the test fails)."""
+    def clear():
+        devices.cpu_lacks_bfloat16_units.cache_clear()
+        devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
+    clear()
+    yield clear
+    clear()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_precision_model_is_edited_and_reverted_bit_for_bit(dtype, small_stats_hparams, tmp_path, caplog):
-    devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
+def test_a_half_precision_model_is_edited_and_reverted_bit_for_bit(dtype, small_stats_hparams, tmp_path, caplog, fresh_bfloat16_probe):
     with caplog.at_level(logging.WARNING, logger="memit.utils.devices"):
         model, tok = load_model("default", dtype=dtype, device="cpu")
     assert model.dtype == getattr(torch, dtype)
@@ -130,7 +141,7 @@ def _cpuinfo_flags() -> set[str] | None:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_once(monkeypatch, caplog):
+def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_once(monkeypatch, caplog, fresh_bfloat16_probe):
     flags = _cpuinfo_flags()
     if flags is not None and platform.machine() == "x86_64":
         # torch's probe agrees with what the kernel says of this CPU
@@ -139,8 +150,7 @@ def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_once(monkeypat
         monkeypatch.setattr(platform, "machine", lambda: "x86_64")
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_units)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        devices.cpu_lacks_bfloat16_units.cache_clear()
-        devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
+        fresh_bfloat16_probe()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="memit.utils.devices"):
             for _ in range(3):
@@ -152,8 +162,6 @@ def test_bfloat16_on_a_cpu_without_bfloat16_units_is_warned_about_once(monkeypat
         assert warned == ([] if has_units else ["bfloat16 autocast (--bf16) on a CPU without bfloat16 units (no AVX512_BF16 or AMX): "
                                                 "torch computes its matrix products in software, tens of times slower than float32; "
                                                 "use float32 on this machine"])
-    devices.cpu_lacks_bfloat16_units.cache_clear()
-    devices.warn_if_cpu_bfloat16_is_slow.cache_clear()
 
 
 def test_bad_devices_and_dtypes_name_the_option():
