@@ -14,7 +14,9 @@
 #            a session): one process makes the 20 batches into the edit cache (scoring only the
 #            cheap teacher-forced metrics, in a folder of its own), the other scores the
 #            checkpoint at 500 edits as soon as its batches are made, then, once the chain is
-#            done, those at 2,000 and 1,500 in NPROC processes.
+#            done, those at 2,000 and 1,500 in NPROC processes. Where a request takes longer (5.5 s
+#            on one thread of an AVX512_BF16 CPU without AMX), CHAIN_THREADS=2 gives the chain
+#            both cores (4 s a request), the 500-edit scoring sharing them.
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
@@ -52,7 +54,7 @@ for part in "${@:-scaling sequential}"; do
       rome=(--alg ROME --bf16 --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache)
       mkdir -p results/rome_bf16/.edit_cache results/rome_chain
       ln -sfn ../rome_bf16/.edit_cache results/rome_chain/.edit_cache
-      OMP_NUM_THREADS=1 .venv/bin/memit scale "${rome[@]}" --sequential-batches 20 --skip-generation --no-generated-answers \
+      OMP_NUM_THREADS=${CHAIN_THREADS:-1} .venv/bin/memit scale "${rome[@]}" --sequential-batches 20 --skip-generation --no-generated-answers \
         --out results/rome_chain > results/rome_chain.log 2>&1 &
       chain=$!
       while [ "$(find results/rome_bf16/.edit_cache -name edit_config.json | wc -l)" -lt 5 ]; do sleep 20; done

@@ -22,7 +22,9 @@ from memit.evaluation.summary import RunSummary, format_comparison, load_case_re
 from memit.utils.io import read_json, write_json
 
 PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe",
-         "sequential, ROME with bfloat16 target vectors": "rome_bf16"}
+         "sequential, ROME with bfloat16 target vectors": "rome_bf16",
+         # rome-bf16's edit chain scores its last checkpoint itself, teacher-forced only
+         "sequential, ROME's bfloat16 edit chain": "rome_chain"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
