@@ -1,5 +1,6 @@
 """memit: mass-editing memory in transformer language models."""
 from memit.api import apply_memit_to_model, edit_model
+from memit.chain import EditChain
 from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
 from memit.editing.base import EditOptions, Editor, EditTask
@@ -14,6 +15,7 @@ from memit.requests import EditRequest, RequestError, load_requests, parse_reque
 __all__ = [
     "AlphaEditHyperParams",
     "DEFAULT_MODEL",
+    "EditChain",
     "EditOptions",
     "EditRequest",
     "EditTask",

@@ -47,20 +47,27 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
-@click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False), help="JSON list of requests.")
+@click.option("--requests", "requests_file", default=None, type=click.Path(dir_okay=False), help="JSON list of requests (required unless --revert).")
 @click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset).")
-@click.option("--alg", default="MEMIT", show_default=True, help="Editing method: MEMIT, ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
+@click.option("--alg", default=None, help="Editing method: MEMIT (default), ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
 @click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")
 @click.option(
     "--on-top-of", "earlier_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
     help="Saved deltas (from --save DIR --deltas-only) to apply first, oldest first; repeatable. "
-    "The new edit is made on top of them, and AlphaEdit preserves them.",
+    "The new edit is made on top of them, and AlphaEdit (or MEMIT with a preserve_weight) preserves them.",
 )
+@click.option(
+    "--chain", "chain_dir", default=None, type=click.Path(file_okay=False),
+    help="An edit chain folder: the requests are edited on top of its batches and appended as a new batch "
+    "(a new chain is started with --alg and --hparams when the folder holds none).",
+)
+@click.option("--revert", "revert_batches", default=None, type=click.IntRange(min=1),
+              help="With --chain: take the chain's last N batches back first.")
 @edit_options
 @model_options
-def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, load, **edit_opts):
+def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, chain_dir, revert_batches, load, **edit_opts):
     """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
     from memit.api import edit_model
     from memit.cli_report import describe_predictions, print_report
@@ -69,13 +76,27 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     from memit.requests import check_tokenization, load_requests
     from memit.utils.distributed import is_main
 
-    requests = load_requests(requests_file)
+    _check_edit_arguments(requests_file, chain_dir, revert_batches, earlier_dirs, hparams, alg)
+    requests = load_requests(requests_file) if requests_file else []
     model, tok = load_model(model_name, **load)
     check_tokenization(requests, tok)
-    earlier = [WeightDeltas.load(folder).apply(model) for folder in earlier_dirs]
+    options = edit_options_from(**edit_opts)
+    if chain_dir:
+        chain = _open_chain(chain_dir, model, tok, alg, hparams, options)
+        if revert_batches:
+            chain.revert(revert_batches)
+            click.echo(f"Reverted {revert_batches} batch(es); the chain in {chain_dir} has {len(chain)}")
+        if not requests:
+            return
+        edit_fn = chain.edit
+    else:
+        earlier = [WeightDeltas.load(folder).apply(model) for folder in earlier_dirs]
+        edit_fn = lambda reqs: edit_model(model, tok, reqs, hparams, alg or "MEMIT", options=options, earlier=earlier)  # noqa: E731
     before = describe_predictions(model, tok, requests)
-    deltas = edit_model(model, tok, requests, hparams, alg, options=edit_options_from(**edit_opts), earlier=earlier)
+    deltas = edit_fn(requests)
     after = describe_predictions(model, tok, requests)
+    if chain_dir and is_main():
+        click.echo(f"Batch {len(chain)} of the chain in {chain_dir}")
     if not is_main():  # every process of a torchrun group made the same edit; one reports it
         return
     print_report(requests, before, after)
@@ -89,6 +110,27 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
             tok.save_pretrained(save_dir)
             deltas.save(Path(save_dir) / "memit_deltas")
         click.echo(f"Saved to {save_dir}")
+
+
+def _check_edit_arguments(requests_file, chain_dir, revert_batches, earlier_dirs, hparams, alg) -> None:
+    from memit.chain import CHAIN_FILE
+
+    if not requests_file and not revert_batches:
+        raise click.UsageError("give --requests (or --chain DIR --revert N)")
+    if revert_batches and not chain_dir:
+        raise click.BadParameter("needs --chain", param_hint="--revert")
+    if chain_dir and earlier_dirs:
+        raise click.BadParameter("a chain holds its earlier edits itself; give --chain or --on-top-of", param_hint="--on-top-of")
+    if chain_dir and (Path(chain_dir) / CHAIN_FILE).is_file() and (hparams or alg):
+        raise click.BadParameter(f"the chain in {chain_dir} edits with its own method and hyperparameters", param_hint="--alg/--hparams")
+
+
+def _open_chain(chain_dir, model, tok, alg, hparams, options):
+    from memit.chain import CHAIN_FILE, EditChain
+
+    if (Path(chain_dir) / CHAIN_FILE).is_file():
+        return EditChain.load(chain_dir, model, tok, options)
+    return EditChain.start(model, tok, alg or "MEMIT", hparams, chain_dir, options)
 
 
 @main.command("train-mend")

@@ -67,6 +67,13 @@ class WeightDeltas:
                 params[name].copy_(original)
         self._originals.clear()
 
+    def release(self) -> "WeightDeltas":
+        """Forget the originals kept for :meth:`revert` (the caller, e.g. an
+        :class:`memit.chain.EditChain`, reverts another way): a long sequence of applied
+        edits then holds no copy of the weights per edit."""
+        self._originals.clear()
+        return self
+
     def original_weights(self) -> dict[str, torch.Tensor]:
         return dict(self._originals)
 

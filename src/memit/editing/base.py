@@ -54,6 +54,11 @@ class EditTask:
     layout: ModelLayout
     requests: list[EditRequest]
     earlier: Sequence[WeightDeltas] = ()
+    # The weights the earlier edits changed, as they were before them; None: read from
+    # ``earlier`` (memit.editing.preserved.unedited_weights) when a method needs them.
+    unedited: Mapping[str, torch.Tensor] | None = None
+    # The keys (rows) at each edit layer of the edited model, for methods that keep them.
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
     # Seconds spent in each named phase of the edit (for benchmarks and logs).
     timings: dict[str, float] = field(default_factory=dict)
     # How closely the solves met their targets (memit.editing.common.write_over_layers), for
@@ -117,17 +122,21 @@ class Editor(ABC):
         tok: PreTrainedTokenizerBase,
         requests: Iterable[Mapping[str, Any] | EditRequest],
         earlier: Sequence[WeightDeltas] = (),
+        unedited: Mapping[str, torch.Tensor] | None = None,
     ) -> WeightDeltas:
         """Validate ``requests``, compute the deltas, apply them to ``model`` and return them.
 
         ``earlier``: edits already applied to ``model`` (oldest first) that this one should
-        preserve; AlphaEdit keeps its update away from their keys, other methods ignore them.
+        preserve: AlphaEdit keeps its update away from their keys, MEMIT with a
+        ``preserve_weight`` keeps their keys' outputs in its solve; other methods ignore them.
+        ``unedited``: the weights from before the earlier edits, where ``earlier`` does not
+        hold them (an :class:`memit.chain.EditChain` passes its base weights).
         """
         requests = parse_requests(requests)
         check_tokenization(requests, tok)
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
-        task = EditTask(model, tok, layout, requests, earlier)
+        task = EditTask(model, tok, layout, requests, earlier, unedited)
         with task.timed("edit"):
             deltas = self.compute_deltas(task)
         manifest = {

@@ -72,6 +72,7 @@ def write_over_layers(
     templates: ContextTemplates,
     solve: LayerSolver,
     fit: dict[str, float] | None = None,
+    keys_out: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write the targets layer by layer: each layer takes its share of the remaining residual
     at the last layer's output, and later layers see the earlier layers' updates (MEMIT's
@@ -79,7 +80,11 @@ def write_over_layers(
 
     ``fit`` receives how well the solves met their residuals (the edit's capacity): per
     layer ``layer{L}``, ‖K ΔWᵀ − R‖ / ‖R‖ of its own share; and ``unwritten``, the part of the
-    whole change z − h that the last layer leaves unwritten, ‖K ΔWᵀ − R‖ / ‖z − h‖ there."""
+    whole change z − h that the last layer leaves unwritten, ‖K ΔWᵀ − R‖ / ‖z − h‖ there.
+
+    ``keys_out`` receives each layer's keys (float32, on the CPU). They are the edited model's
+    keys: a layer's keys depend only on the layers below it, whose updates are in place when
+    they are computed."""
     z_layer = layers[-1]
     deltas: dict[str, torch.Tensor] = {}
     fit = {} if fit is None else fit
@@ -94,6 +99,8 @@ def write_over_layers(
             residual_norm = float(residual.norm())
             if i == 0:
                 whole_change = residual_norm * len(layers)
+            if keys_out is not None:
+                keys_out[layer] = keys.float().cpu()
             update = solve(i, layer, keys, residual)
             error = float((keys @ update.T - residual).norm())
             fit[f"layer{layer}"] = error / max(residual_norm, 1e-12)
@@ -118,6 +125,16 @@ def restored_weights(model: PreTrainedModel, names: list[str]) -> Iterator[dict[
         with torch.no_grad():
             for name, original in originals.items():
                 model.get_parameter(name).copy_(original)
+
+
+@contextlib.contextmanager
+def replaced_weights(model: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The named parameters set to ``weights`` inside the block and restored exactly afterwards."""
+    with restored_weights(model, list(weights)):
+        with torch.no_grad():
+            for name, value in weights.items():
+                model.get_parameter(name).copy_(value)
+        yield
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ PAPER_FIELDS_NOT_READ = {
 
 
 PROVENANCE_KEY = "provenance"
+Z_EARLY_STOPS = ("loss", "most_probable")
 
 
 class HyperParamsError(InputError):
@@ -115,6 +116,11 @@ class ZOptimizationParams(HyperParams):
     clamp_norm_factor: float
     kl_factor: float
     fact_token: str = "subject_last"
+    # When a request's optimisation stops before v_num_grad_steps: "loss" once its loss is
+    # below 0.05 (the paper), "most_probable" once the new target is the most probable token
+    # at every target position of every rewrite prompt (ENCORE, arXiv 2502.01636: overfits
+    # less, and fewer steps).
+    z_early_stop: str = "loss"
     # Generated context prefixes: for each [length, count], count prefixes of length tokens.
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     # The paper's module names; taken from the model's architecture when absent.
@@ -126,7 +132,24 @@ class ZOptimizationParams(HyperParams):
         self.check_layers()
         if self.fact_token != "subject_last":
             raise HyperParamsError(f"hyperparameter 'fact_token': only 'subject_last' is supported, got {self.fact_token!r}")
+        if self.z_early_stop not in Z_EARLY_STOPS:
+            raise HyperParamsError(f"hyperparameter 'z_early_stop' must be one of {list(Z_EARLY_STOPS)}, got {self.z_early_stop!r}")
         self.check_positive("v_num_grad_steps", "v_lr", "clamp_norm_factor")
+
+
+@dataclasses.dataclass
+class SequentialParams(HyperParams):
+    """How the target vectors of an edit made on top of earlier ones are formed; both off by
+    default, which is the paper's method."""
+
+    # Target vectors computed on the weights from before any earlier edit (NSE, arXiv
+    # 2410.04045), so later targets are not fitted to an already-edited model; the target
+    # cache then serves every batch of a sequence.
+    targets_from_unedited: bool = False
+    # Each target vector rescaled to the norm of the unedited model's output at its subject
+    # (norm anchoring, arXiv 2602.02543): breaks the feedback between growing targets and
+    # growing weights over a long sequence.
+    norm_anchor: bool = False
 
 
 @dataclasses.dataclass

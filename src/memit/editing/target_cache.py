@@ -28,6 +28,7 @@ from memit.utils.io import atomic_path, memit_home
 
 # The settings of the optimisation that change its result.
 Z_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "fact_token")
+Z_FIELDS_ADDED = {"z_early_stop": "loss"}
 SAMPLES_PER_PARAMETER = 4096
 
 
@@ -67,7 +68,9 @@ class TargetCache:
         self.device = device_label(model)
         self.setting = {
             "weights": weights_fingerprint(model),
-            "z": {name: getattr(hparams, name) for name in Z_FIELDS},
+            "z": {name: getattr(hparams, name) for name in Z_FIELDS}
+            # Settings added later enter the key only when changed, so earlier files stay valid.
+            | {name: getattr(hparams, name) for name, default in Z_FIELDS_ADDED.items() if getattr(hparams, name) != default},
             "templates": templates,
             "layer": layer,
             "init_module": init_module,

@@ -235,13 +235,15 @@ def _optimise(
                 # Requests that met the early-stop loss leave the batch: their deltas are final.
                 if active_suffix is None or len(active_suffix.input_ids) != int(seq_active.sum()):
                     active_suffix = suffix.select(seq_active)
-                target_logp, kl_logp = _fast_logprobs(
+                target_logp, target_top1, kl_logp = _fast_logprobs(
                     model, layout, layer, output_kind[0], active_suffix, delta[seq_request[seq_active]]
                 )
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
-                    target_logp, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
-                target_logp, kl_logp = target_logp[target_active.to(target_logp.device)], kl_logp[active.to(kl_logp.device)]
+                    target_logp, target_top1, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
+                on_targets = target_active.to(target_logp.device)
+                target_logp, target_top1 = target_logp[on_targets], target_top1[on_targets]
+                kl_logp = kl_logp[active.to(kl_logp.device)]
             if init_kl_logprobs is None:
                 init_kl_logprobs = kl_logp.detach().clone()
             active_losses = _loss_per_request(
@@ -249,6 +251,8 @@ def _optimise(
             )
             losses[active] = active_losses.detach()
             done |= losses < EARLY_STOP_LOSS
+            if hparams.z_early_stop == "most_probable":
+                done |= active & _target_most_probable(target_top1, problem.target_req.to(device)[target_active], n_requests)
             frozen[done] = delta.detach()[done]
             log.debug("step %d loss %s", step, losses.cpu().numpy().round(3))
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
@@ -294,12 +298,24 @@ def _loss_per_request(
     return (nll + hparams.kl_factor * kl).to(delta.device) + weight_decay
 
 
-def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _target_most_probable(target_top1: torch.Tensor, target_req: torch.Tensor, n_requests: int) -> torch.Tensor:
+    """Per request: whether the new target is the most probable token at each of its target
+    positions (``target_top1``, of the tokens ``target_req`` assigns to requests)."""
+    device = target_req.device
+    misses = torch.zeros(n_requests, device=device).index_add(0, target_req, (~target_top1.to(device)).float())
+    has_targets = torch.zeros(n_requests, device=device).index_add(0, target_req, torch.ones_like(misses[target_req]))
+    return (misses == 0) & (has_targets > 0)
+
+
+def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the target tokens, whether each is the most probable token there,
+    and the KL prompts' distributions."""
     log_probs = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
     device = log_probs.device
-    target_logp = log_probs[problem.target_seq.to(device), problem.target_pos.to(device), problem.target_tok.to(device)]
+    at_targets = log_probs[problem.target_seq.to(device), problem.target_pos.to(device)]
+    target_logp = at_targets.gather(1, problem.target_tok.to(device).unsqueeze(1)).squeeze(1)
     kl_seq = problem.kl_seq.to(device)
-    return target_logp, log_probs[kl_seq, subject_pos[kl_seq]]
+    return target_logp, target_logp >= at_targets.max(-1).values, log_probs[kl_seq, subject_pos[kl_seq]]
 
 
 @dataclass
@@ -397,8 +413,8 @@ def _fast_logprobs(
     tuple_output: bool,
     suffix: _Suffix,
     seq_delta: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities at the loss positions, computing only the layers above ``layer`` on the
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`_plain_logprobs` returns, computing only the layers above ``layer`` on the
     suffix tokens; ``seq_delta`` is added to the edit layer's output at the subject token
     (suffix column 0) of each sequence."""
     layer_out = suffix.layer_out
@@ -419,7 +435,7 @@ def _fast_logprobs(
     log_probs = torch.log_softmax(logits, dim=-1)
     n_targets = len(suffix.target_seq)
     target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.to(log_probs.device).unsqueeze(1)).squeeze(1)
-    return target_logp, log_probs[n_targets:]
+    return target_logp, target_logp >= log_probs[:n_targets].max(-1).values, log_probs[n_targets:]
 
 
 @contextlib.contextmanager

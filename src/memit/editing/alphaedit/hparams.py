@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memit.editing.hparams import CovarianceParams, HyperParamsError, ZOptimizationParams
+from memit.editing.hparams import CovarianceParams, HyperParamsError, SequentialParams, ZOptimizationParams
 
 
 @dataclass
-class AlphaEditHyperParams(CovarianceParams, ZOptimizationParams):
+class AlphaEditHyperParams(SequentialParams, CovarianceParams, ZOptimizationParams):
     """AlphaEdit (Fang et al., ICLR 2025): MEMIT's targets and layer spreading, with each
     update projected onto the null space of the preserved keys' second moment."""
 

@@ -10,30 +10,24 @@ with K the new keys, R the layer's residuals and K_p the keys of the edits made 
 this model (sequential editing). ΔW = R Kᵀ P (…)⁻ᵀ lies in the null space: it leaves the
 outputs of keys in C's principal subspace (almost) unchanged.
 
-Each edit keeps its keys, recomputed on the edited model as the reference does, in its
-:attr:`WeightDeltas.state`; an edit made on top of earlier ones gets them through ``earlier``.
+Each edit keeps its keys on the edited model, as the reference does, in its
+:attr:`WeightDeltas.state` (memit.editing.preserved); an edit made on top of earlier ones gets
+them through ``earlier``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
 import torch
 
-from memit.deltas import WeightDeltas
 from memit.editing.alphaedit.hparams import AlphaEditHyperParams
 from memit.editing.base import EditOptions, EditTask
-from memit.editing.common import LayerSolver, context_templates, second_moments
-from memit.editing.keys import compute_keys_at
+from memit.editing.common import LayerSolver, second_moments
 from memit.editing.memit.main import MEMITEditor
-from memit.errors import InputError
+from memit.editing.preserved import earlier_keys_gram
 from memit.models.loading import model_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def keys_state_name(layer: int) -> str:
-    return f"keys.layer{layer}"
 
 
 class AlphaEditEditor(MEMITEditor):
@@ -52,7 +46,7 @@ class AlphaEditEditor(MEMITEditor):
     def layer_solver(self, task: EditTask) -> LayerSolver:
         hp = self.hparams
         projectors = self.projectors(task)
-        preserved = {layer: earlier_keys_gram(task.earlier, layer) for layer in hp.layers}
+        preserved = {layer: earlier_keys_gram(task.earlier, layer, self.name) for layer in hp.layers}
         if task.earlier:
             log.info("AlphaEdit: preserving the keys of %d earlier edit(s)", len(task.earlier))
 
@@ -60,12 +54,6 @@ class AlphaEditEditor(MEMITEditor):
             return solve_projected_update(keys, residual, projectors[layer], preserved[layer], hp.L2)
 
         return solve
-
-    def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:
-        """The edited keys, which later edits must preserve."""
-        templates = context_templates(task.model, task.tok, self.hparams, self.options)
-        keys = compute_keys_at(task.model, task.tok, task.layout, task.requests, self.hparams.layers, templates)
-        return {keys_state_name(layer): k.float().cpu() for layer, k in keys.items()}
 
     def projectors(self, task: EditTask) -> dict[int, torch.Tensor]:
         hp = self.hparams
@@ -82,21 +70,6 @@ class AlphaEditEditor(MEMITEditor):
                 self._projectors[key_of(layer)] = projector
                 log.info("AlphaEdit layer %d: null space of dimension %d", layer, round(float(projector.trace())))
         return {layer: self._projectors[key_of(layer)] for layer in hp.layers}
-
-
-def earlier_keys_gram(earlier: Sequence[WeightDeltas], layer: int) -> torch.Tensor | None:
-    """K_p K_pᵀ (float64, keys as rows: Σ KᵀK) over the earlier edits, None without any."""
-    name = keys_state_name(layer)
-    gram = None
-    for i, edit in enumerate(earlier):
-        if name not in edit.state:
-            raise InputError(
-                f"earlier[{i}]: this {edit.manifest.get('algorithm', 'unknown')} edit kept no keys for layer {layer}; "
-                "AlphaEdit preserves AlphaEdit edits of the same layers"
-            )
-        keys = edit.state[name].double()
-        gram = keys.T @ keys if gram is None else gram + keys.T @ keys
-    return gram
 
 
 def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor:
