@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's experiments on the default model, cases from MEND's counterfact-edit.json:
+# Paper-scale experiments on the default model, cases from MEND's counterfact-edit.json:
 #   scaling  MEMIT and AlphaEdit, one batch of 1 .. 10,000 edits (target vectors cached per
 #            request in the curve's own folder, so each case's z is computed once for the whole
 #            curve and both methods, and scripts/paper_report.py reads what they cost);
@@ -17,10 +17,14 @@
 #            done, those at 2,000 and 1,500 in NPROC processes. Where a request takes longer (5.5 s
 #            on one thread of an AVX512_BF16 CPU without AMX), CHAIN_THREADS=2 gives the chain
 #            both cores (4 s a request), the 500-edit scoring sharing them.
+#   lifelong  MEMIT with its sequential preset (earlier edits' keys preserved, most-probable early
+#            stop, target vectors from the unedited model), 2,000 edits in batches of 100, every
+#            case so far scored teacher-forced after 500, 1,000, 1,500 and 2,000 edits; then the
+#            2,000-edit point again with generated answers (its batches from the edit cache).
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
-#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] [rome-bf16] > results/paper.log 2>&1 &
+#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] [rome-bf16] [lifelong] > results/paper.log 2>&1 &
 # NPROC > 1 runs each command under torchrun, one process (and thread) per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +65,12 @@ for part in "${@:-scaling sequential}"; do
       OMP_NUM_THREADS=1 .venv/bin/memit scale "${rome[@]}" --sequential-batches 5 --generation-interval 5 --out results/rome_bf16
       wait "$chain"
       for k in 20 15; do memit scale "${rome[@]}" --sequential-batches "$k" --generation-interval 5 --out results/rome_bf16; done
+    elif [ "$what" = lifelong ]; then
+      lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache --skip-generation)
+      memit scale "${lifelong[@]}" --sequential-batches 5,10,15,20 --no-generated-answers --out results/memit_sequential
+      mkdir -p results/memit_sequential_answers
+      ln -sfn ../memit_sequential/.edit_cache results/memit_sequential_answers/.edit_cache
+      memit scale "${lifelong[@]}" --sequential-batches 20 --out results/memit_sequential_answers
     else
       for alg in MEMIT AlphaEdit ROME; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \

@@ -1,4 +1,4 @@
-"""Issue 13's tables and plots from the run folders of ``scripts/paper_experiments.sh``: per part
+"""The paper-scale tables and plots from the run folders of ``scripts/paper_experiments.sh``: per part
 (scaling, sequential) the comparison table, the hours each run took and its plot; for the
 scaling curve, the update's size, what the solves left unwritten and what the target-vector
 cache saved; for the sequential runs, success by the edits' age.
@@ -24,7 +24,9 @@ from memit.utils.io import read_json, write_json
 PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequential, AlphaEdit ridge 10": "alphaedit_probe",
          "sequential, ROME with bfloat16 target vectors": "rome_bf16",
          # rome-bf16's edit chain scores its last checkpoint itself, teacher-forced only
-         "sequential, ROME's bfloat16 edit chain": "rome_chain"}
+         "sequential, ROME's bfloat16 edit chain": "rome_chain",
+         "lifelong, MEMIT's sequential preset": "memit_sequential",
+         "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers"}
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
@@ -164,7 +166,7 @@ def main() -> None:
             continue
         summaries = [summary for summary, _ in runs]
         print(f"## {part}\n\n{format_comparison(summaries)}\n\n{time_table(summaries)}\n")
-        if part.startswith("sequential"):
+        if part.startswith(("sequential", "lifelong")):
             print(age_table(summaries, [by_age for _, by_age in runs]) + "\n")
         if part == "scaling":
             print(capacity_table(summaries) + "\n")

@@ -106,13 +106,16 @@ def test_an_edit_keeps_copies_of_the_edited_matrices_only(default_model, default
         assert set(watch.copies) == set(edited)
         assert all(watch.copies.count(name) <= 2 for name in edited)
         assert sum(1 for _ in model.parameters()) == n_params
-        # Held afterwards: originals of the edited matrices and one delta each, nothing else.
+        # Held afterwards: originals of the edited matrices, one delta each and the edit's
+        # keys (one row per request and layer, for later edits to preserve), nothing else.
         originals = deltas._originals
         assert set(originals) == set(deltas.deltas) == set(edited)
         edited_bytes = sum(p.numel() * p.element_size() for p in edited.values())
         assert sum(t.numel() * t.element_size() for t in originals.values()) == edited_bytes
         assert sum(t.numel() * t.element_size() for t in deltas.deltas.values()) == sum(p.numel() * 4 for p in edited.values())
-        assert not deltas.state
+        assert {name: tuple(k.shape) for name, k in deltas.state.items()} == {
+            f"keys.layer{layer}": (2, p.shape[1]) for layer, p in zip(default_hparams.layers, edited.values())
+        }
     finally:
         deltas.revert(model)
 
