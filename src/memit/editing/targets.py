@@ -300,11 +300,11 @@ def _loss_per_request(
 
 def _target_most_probable(target_top1: torch.Tensor, target_req: torch.Tensor, n_requests: int) -> torch.Tensor:
     """Per request: whether the new target is the most probable token at each of its target
-    positions (``target_top1``, of the tokens ``target_req`` assigns to requests)."""
+    positions (``target_top1``, of the tokens ``target_req`` assigns to requests; a request
+    without any there counts as True)."""
     device = target_req.device
     misses = torch.zeros(n_requests, device=device).index_add(0, target_req, (~target_top1.to(device)).float())
-    has_targets = torch.zeros(n_requests, device=device).index_add(0, target_req, torch.ones_like(misses[target_req]))
-    return (misses == 0) & (has_targets > 0)
+    return misses == 0
 
 
 def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
