@@ -113,8 +113,7 @@ class EditChain:
 
     def batch(self, index: int) -> WeightDeltas:
         """Batch ``index`` (oldest first) as saved, not applied."""
-        entry = self._batches[index]
-        return WeightDeltas.load(self.directory / entry) if isinstance(entry, str) else entry
+        return self._deltas(self._batches[index])
 
     def edit(self, requests: Iterable[Mapping[str, Any] | EditRequest]) -> WeightDeltas:
         """Edit ``requests`` into the model on top of every batch so far, and append them as a
@@ -151,12 +150,15 @@ class EditChain:
                 self.model.get_parameter(name).copy_(weight)
         self._gram, self._batches = {}, []
         for entry in kept:
-            self._take((WeightDeltas.load(self.directory / entry) if isinstance(entry, str) else entry).apply(self.model))
+            self._take(self._deltas(entry).apply(self.model))
             self._batches.append(entry)
         if self.directory is not None and dropped:
             self._save_manifest()
             for name in dropped:
                 shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def _deltas(self, entry: str | WeightDeltas) -> WeightDeltas:
+        return WeightDeltas.load(self.directory / entry) if isinstance(entry, str) else entry
 
     def _take(self, deltas: WeightDeltas) -> None:
         """Account for a batch just applied: the unedited weights it changed, its keys."""
