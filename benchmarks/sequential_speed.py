@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from memit import EditChain, load_model
 from memit.editing.hparams import preset_name_for
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import CounterFactCase, load_cases
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+
+from edit_speed import success_rates  # the paper's success rates, as `memit evaluate` computes them
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,6 +45,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def success_percent(model, tok, cases: list[CounterFactCase]) -> dict[str, float]:
+    return {kind: 100 * rate for kind, rate in success_rates(model, tok, cases).items()}
+
+
 def run_chain(model, tok, hparams, cases: list[CounterFactCase], batch: int) -> dict[str, Any]:
     chain = EditChain.start(model, tok, "MEMIT", hparams)
     target_seconds, start = 0.0, time.perf_counter()
@@ -53,10 +57,9 @@ def run_chain(model, tok, hparams, cases: list[CounterFactCase], batch: int) -> 
             deltas = chain.edit([c.request for c in cases[i : i + batch]])
             target_seconds += deltas.timings["target_vectors"]
         seconds = time.perf_counter() - start
-        per_case = [evaluate_counterfact_case(model, tok, case) for case in cases]
+        rates = success_percent(model, tok, cases)
     finally:
         chain.revert()
-    rates = {kind: 100 * statistics.fmean(m[f"{kind}_success"] for m in per_case) for kind in ("efficacy", "paraphrase", "neighborhood")}
     n = len(cases)
     return {"z_s_per_request": target_seconds / n, "s_per_request": seconds / n, **rates}
 
@@ -70,8 +73,7 @@ def main() -> None:
     preset = preset_name_for(args.model)
     configs = {"MEMIT preset": resolve_hparams("MEMIT", preset, model), "sequential preset": resolve_hparams("MEMIT", f"{preset}-sequential", model)}
     cases = load_cases("cf", args.counterfact, limit=args.batches * args.batch)[2]
-    unedited = {kind: 100 * statistics.fmean(m[f"{kind}_success"] for m in map(lambda c: evaluate_counterfact_case(model, tok, c), cases))
-                for kind in ("efficacy", "paraphrase", "neighborhood")}
+    unedited = success_percent(model, tok, cases)
     results = {name: run_chain(model, tok, hp, cases, args.batch) for name, hp in configs.items()}
     speedup = results["MEMIT preset"]["z_s_per_request"] / results["sequential preset"]["z_s_per_request"]
     print(f"{args.batches} batches of {args.batch} requests, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")

@@ -95,10 +95,10 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     before = describe_predictions(model, tok, requests)
     deltas = edit_fn(requests)
     after = describe_predictions(model, tok, requests)
-    if chain_dir and is_main():
-        click.echo(f"Batch {len(chain)} of the chain in {chain_dir}")
     if not is_main():  # every process of a torchrun group made the same edit; one reports it
         return
+    if chain_dir:
+        click.echo(f"Batch {len(chain)} of the chain in {chain_dir}")
     print_report(requests, before, after)
     if report:
         write_json(report, [{"request": r.to_dict(), "pre": b, "post": a} for r, b, a in zip(requests, before, after)])

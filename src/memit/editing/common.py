@@ -13,7 +13,7 @@ from memit.editing.base import EditOptions
 from memit.editing.context import ContextTemplates, get_context_templates
 from memit.editing.hparams import CovarianceParams, ZOptimizationParams
 from memit.editing.keys import compute_keys, layer_outputs_at_subject
-from memit.editing.targets import compute_targets
+from memit.editing.targets import TargetVectors, compute_targets
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.stats import Corpus, SecondMomentCache
@@ -54,12 +54,12 @@ def layer_targets(
     hp: ZOptimizationParams,
     templates: ContextTemplates,
     options: EditOptions,
-) -> torch.Tensor:
-    """MEMIT's target vectors z (float64, one row per request) at the last edit layer's output."""
+) -> TargetVectors:
+    """MEMIT's target vectors z at the last edit layer's output, one row per request."""
     return compute_targets(
         model, tok, layout, requests, hp, templates, hp.layers[-1],
         batch_size=options.batch_size, fast=options.fast, autocast=options.autocast, cache_dir=options.target_cache,
-    ).target.double()
+    )
 
 
 def write_over_layers(

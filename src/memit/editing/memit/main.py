@@ -17,6 +17,7 @@ from memit.editing.common import LayerSolver, context_templates, layer_targets, 
 from memit.editing.keys import layer_outputs_at_subject
 from memit.editing.memit.hparams import MEMITHyperParams
 from memit.editing.preserved import earlier_keys_gram, keys_state, unedited_weights
+from memit.editing.targets import TargetVectors
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,8 @@ class MEMITEditor(Editor):
         solve = self.layer_solver(task)
         templates = context_templates(task.model, task.tok, hp, self.options)
         with task.timed("target_vectors"), self.unedited(task) if hp.targets_from_unedited else contextlib.nullcontext():
-            targets = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
-        if hp.norm_anchor:
-            targets = self.anchored(task, targets)
+            vectors = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
+        targets = self.anchored(task, vectors) if hp.norm_anchor else vectors.target.double()
         return write_over_layers(
             task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve, task.fit, keys_out=task.keys
         )
@@ -66,10 +66,13 @@ class MEMITEditor(Editor):
         with replaced_weights(task.model, weights):
             yield
 
-    def anchored(self, task: EditTask, targets: torch.Tensor) -> torch.Tensor:
-        """Each target rescaled to the norm of the unedited model's output at its subject."""
-        with self.unedited(task):
-            reference = layer_outputs_at_subject(task.model, task.tok, task.layout, task.requests, self.hparams.layers[-1])
+    def anchored(self, task: EditTask, vectors: TargetVectors) -> torch.Tensor:
+        """Each target (float64) rescaled to the norm of the unedited model's output at its
+        subject: the targets' own starting point where that was the unedited model."""
+        targets, reference = vectors.target.double(), vectors.init
+        if not self.hparams.targets_from_unedited and (task.earlier or task.unedited):
+            with self.unedited(task):
+                reference = layer_outputs_at_subject(task.model, task.tok, task.layout, task.requests, self.hparams.layers[-1])
         reference = reference.to(targets.device, targets.dtype).norm(dim=-1)
         scale = reference / targets.norm(dim=-1).clamp_min(1e-12)
         log.info("Norm anchoring: target norms scaled by %.3f on average (min %.3f, max %.3f)",
