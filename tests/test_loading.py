@@ -89,3 +89,67 @@ def test_processes_that_convert_the_default_model_at_once_all_get_a_whole_folder
     assert [p.name for p in (tmp_path / "models").iterdir()] == [folder.name]
     loaded, _ = load_model(str(folder))
     assert model_fingerprint(loaded) == model_fingerprint(default_model[0])
+
+
+def test_a_damaged_default_gguf_is_refused_before_conversion(tmp_path):
+    import pytest
+
+    from memit.errors import InputError, MissingFileError
+    from memit.models.loading import check_default_gguf
+
+    good = _packaged_default_gguf()
+    assert check_default_gguf(good) == good
+    truncated = tmp_path / good.name
+    with good.open("rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    with pytest.raises(InputError, match=rf"model: {truncated} holds 1,048,576 bytes, expected 98,362,432; reinstall"):
+        check_default_gguf(truncated)
+    # Same size, one byte changed: only the hash can tell.
+    altered = tmp_path / "altered.gguf"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 1
+    altered.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"model: {altered} has SHA-256 [0-9a-f]{{64}}, expected"):
+        check_default_gguf(altered)
+    with pytest.raises(MissingFileError, match="does not exist"):
+        check_default_gguf(tmp_path / "none.gguf")
+
+
+def test_a_model_path_that_does_not_exist_is_one_line_error(tmp_path):
+    import pytest
+    from click.testing import CliRunner
+
+    from memit.cli import main
+    from memit.errors import MissingFileError
+    from memit.models.loading import looks_like_path
+
+    for name in ("/some/dir/that/is/not/there", "./not-there", "~/not-there-memit", "models/a/b", str(tmp_path / "x.gguf")):
+        assert looks_like_path(name)
+        with pytest.raises(MissingFileError, match=f"model: .*{name.rsplit('/', 1)[-1]} does not exist"):
+            load_model(name, device="cpu")
+    # Hub ids are not paths, and neither is a name that only might be one.
+    assert not any(map(looks_like_path, ("gpt2", "EleutherAI/gpt-j-6B", "default")))
+    requests = tmp_path / "requests.json"
+    requests.write_text('[{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}]')
+    result = CliRunner().invoke(main, ["edit", "--model", "/some/dir/that/is/not/there", "--requests", str(requests)])
+    assert result.exit_code != 0 and "model: /some/dir/that/is/not/there does not exist" in result.output
+    assert "Traceback" not in result.output and "Repo id" not in result.output
+
+
+def test_what_the_hub_loader_refuses_is_an_input_error_naming_the_model(monkeypatch):
+    import pytest
+
+    from memit.errors import InputError
+    from memit.models import loading
+
+    # An invalid repo id is refused by huggingface_hub before any network access.
+    with pytest.raises(InputError, match=r"^model: not a repo id could not be loaded: Repo id must"):
+        load_model("not a repo id", device="cpu")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\nand couldn't find them in the cached files.")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(InputError, match=r"^model: some-org/some-model could not be loaded: We couldn't connect .* files, and couldn't") as info:
+        load_model("some-org/some-model", device="cpu")
+    assert "\n" not in str(info.value)

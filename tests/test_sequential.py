@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from memit import EditChain, MEMITHyperParams, WeightDeltas, edit_model
 from memit.editing.hparams import HyperParamsError
+from memit.errors import InputError
 from memit.predict import score_continuations
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -157,6 +159,15 @@ def test_chain_refuses_another_model_and_the_cli_appends(default_model, counterf
     assert json.loads((chain_dir / "chain.json").read_text())["batches"] == ["batch_00000", "batch_00001"]
     result = CliRunner().invoke(main, ["edit", "--chain", str(chain_dir), "--requests", str(requests), "--alg", "ROME"])
     assert result.exit_code != 0 and "its own method" in result.output
+    # A damaged later batch: the chain is refused, naming the file, and no earlier batch stays applied.
+    damaged = chain_dir / "batch_00001" / "deltas.safetensors"
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:1000])
+    unedited = _edited(model, seq_hparams)
+    with pytest.raises(InputError, match=re.escape(str(damaged))):
+        EditChain.load(chain_dir, model, tok)
+    assert _same(_edited(model, seq_hparams), unedited)
+    damaged.write_bytes(good)
     result = CliRunner().invoke(main, ["edit", "--chain", str(chain_dir), "--revert", "1"])
     assert result.exit_code == 0 and "has 1" in result.output, result.output
 

@@ -14,10 +14,11 @@ the chain as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,9 +99,13 @@ class EditChain:
                 f"this one has {fingerprint}; load the chain onto the unedited model it started from"
             )
         chain = cls(model, tok, editor_cls(hparams, options), directory, fingerprint)
-        for name in manifest.get("batches", []):
-            chain._take(WeightDeltas.load(directory / name).apply(model))
-            chain._batches.append(name)
+        try:
+            for name in manifest.get("batches", []):
+                chain._take(WeightDeltas.load(directory / name).apply(model))
+                chain._batches.append(name)
+        except BaseException:
+            chain._restore_base()  # a damaged batch leaves none of the chain applied
+            raise
         log.info("Loaded an edit chain of %d batches from %s", len(chain), directory)
         return chain
 
@@ -145,10 +150,7 @@ class EditChain:
         if not 0 <= batches <= len(self):
             raise InputError(f"batches: the chain has {len(self)} batch(es), cannot revert {batches}")
         kept, dropped = self._batches[: len(self) - batches], self._batches[len(self) - batches :]
-        with torch.no_grad():
-            for name, weight in self._base.items():
-                self.model.get_parameter(name).copy_(weight)
-        self._gram, self._batches = {}, []
+        self._restore_base()
         for entry in kept:
             self._take(self._deltas(entry).apply(self.model))
             self._batches.append(entry)
@@ -156,6 +158,22 @@ class EditChain:
             self._save_manifest()
             for name in dropped:
                 shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def unedited(self) -> Iterator[None]:
+        """The model as before the chain's first batch inside the block (e.g. to compare
+        answers); every batch back, bit for bit, after it. The chain itself does not change."""
+        from memit.editing.common import replaced_weights
+
+        with replaced_weights(self.model, self._base):
+            yield
+
+    def _restore_base(self) -> None:
+        """The model's weights as before the chain's first batch; no batch counted."""
+        with torch.no_grad():
+            for name, weight in self._base.items():
+                self.model.get_parameter(name).copy_(weight)
+        self._gram, self._batches = {}, []
 
     def _deltas(self, entry: str | WeightDeltas) -> WeightDeltas:
         return WeightDeltas.load(self.directory / entry) if isinstance(entry, str) else entry

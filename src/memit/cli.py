@@ -9,7 +9,7 @@ import click
 
 from memit.cli_options import edit_options, edit_options_from, model_options
 from memit.errors import MemitError
-from memit.utils.io import write_json
+from memit.utils.io import atomic_dir, write_json
 
 
 class _Group(click.Group):
@@ -52,6 +52,12 @@ def main(verbose: int) -> None:
 @click.option("--alg", default=None, help="Editing method: MEMIT (default), ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
 @click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
+@click.option("--format", "export_format", default=None, type=click.Choice(["peft", "hf", "gguf"]),
+              help="With --save, write the edit where models are served instead: a PEFT LoRA adapter (exact rank), "
+              "the merged model as a Hugging Face folder, or --base with the edited tensors replaced (as `memit export`).")
+@click.option("--base", "gguf_base", default=None, type=click.Path(exists=True, dir_okay=False), help="With --format gguf: the base GGUF file to patch.")
+@click.option("--edited-type", default=None, type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+              help="With --format gguf: write the edited tensors in this type (for a quantised base type that would round the edit away).")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="Write before/after predictions as JSON.")
 @click.option(
     "--on-top-of", "earlier_dirs", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -65,9 +71,11 @@ def main(verbose: int) -> None:
 )
 @click.option("--revert", "revert_batches", default=None, type=click.IntRange(min=1),
               help="With --chain: take the chain's last N batches back first.")
+@click.option("--force", is_flag=True, help="Apply --on-top-of deltas even when their manifest names another model.")
 @edit_options
 @model_options
-def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report, earlier_dirs, chain_dir, revert_batches, load, **edit_opts):
+def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, export_format, gguf_base, edited_type, report, earlier_dirs,
+         chain_dir, revert_batches, force, load, **edit_opts):
     """Apply the edits in REQUESTS and show each prompt's predictions before and after."""
     from memit.api import edit_model
     from memit.cli_report import describe_predictions, print_report
@@ -77,6 +85,7 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     from memit.utils.distributed import is_main
 
     _check_edit_arguments(requests_file, chain_dir, revert_batches, earlier_dirs, hparams, alg)
+    _check_export_arguments(save_dir, deltas_only, export_format, gguf_base, edited_type, chain_dir, earlier_dirs)
     requests = load_requests(requests_file) if requests_file else []
     model, tok = load_model(model_name, **load)
     check_tokenization(requests, tok)
@@ -90,7 +99,11 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
             return
         edit_fn = chain.edit
     else:
-        earlier = [WeightDeltas.load(folder).apply(model) for folder in earlier_dirs]
+        # All checked before any is applied: a damaged or foreign one leaves the model untouched.
+        earlier = [WeightDeltas.load(folder) for folder in earlier_dirs]
+        for saved in earlier:
+            saved.check(model, force)
+        earlier = [saved.apply(model, force=force) for saved in earlier]
         edit_fn = lambda reqs: edit_model(model, tok, reqs, hparams, alg or "MEMIT", options=options, earlier=earlier)  # noqa: E731
     before = describe_predictions(model, tok, requests)
     deltas = edit_fn(requests)
@@ -102,13 +115,22 @@ def edit(model_name, requests_file, hparams, alg, save_dir, deltas_only, report,
     print_report(requests, before, after)
     if report:
         write_json(report, [{"request": r.to_dict(), "pre": b, "post": a} for r, b, a in zip(requests, before, after)])
-    if save_dir:
-        if deltas_only:
-            deltas.save(save_dir)
-        else:
-            model.save_pretrained(save_dir)
-            tok.save_pretrained(save_dir)
-            deltas.save(Path(save_dir) / "memit_deltas")
+    if save_dir and export_format:
+        from memit.export.cli import summary
+
+        # The exporters write their folder atomically themselves.
+        exported = deltas.export(save_dir, export_format, model=model, tok=tok, base=gguf_base, edited_type=edited_type)
+        for line in summary(exported):
+            click.echo(line)
+        click.echo(f"Exported ({export_format}) to {save_dir}")
+    elif save_dir:
+        with atomic_dir(save_dir) as folder:
+            if deltas_only:
+                deltas.save(folder)
+            else:
+                model.save_pretrained(folder)
+                tok.save_pretrained(folder)
+                deltas.save(folder / "memit_deltas")
         click.echo(f"Saved to {save_dir}")
 
 
@@ -123,6 +145,35 @@ def _check_edit_arguments(requests_file, chain_dir, revert_batches, earlier_dirs
         raise click.BadParameter("a chain holds its earlier edits itself; give --chain or --on-top-of", param_hint="--on-top-of")
     if chain_dir and (Path(chain_dir) / CHAIN_FILE).is_file() and (hparams or alg):
         raise click.BadParameter(f"the chain in {chain_dir} edits with its own method and hyperparameters", param_hint="--alg/--hparams")
+
+
+def _check_export_arguments(save_dir, deltas_only, export_format, gguf_base, edited_type, chain_dir, earlier_dirs) -> None:
+    """``--format`` (and its ``--base`` / ``--edited-type``) go with ``--save`` and not with
+    ``--deltas-only``; peft and gguf hold this edit's deltas alone, so they are refused where the
+    model holds earlier edits too (a chain is exported whole with ``memit export CHAIN_DIR``)."""
+    if export_format is None:
+        if gguf_base is not None or edited_type is not None:
+            raise click.BadParameter("only with --save DIR --format gguf", param_hint="--base/--edited-type")
+        return
+    if not save_dir:
+        raise click.BadParameter("needs --save DIR (the export's folder)", param_hint="--format")
+    if deltas_only:
+        raise click.BadParameter("give --deltas-only or --format, not both", param_hint="--format")
+    if (export_format == "gguf") != (gguf_base is not None):
+        raise click.BadParameter("--format gguf needs --base FILE.gguf, and only it takes one", param_hint="--base")
+    if edited_type is not None and export_format != "gguf":
+        raise click.BadParameter("only with --format gguf", param_hint="--edited-type")
+    if chain_dir:
+        raise click.BadParameter(
+            f"an edit chain is exported whole, after the edit: memit export {chain_dir} --format {export_format} --out DIR",
+            param_hint="--format",
+        )
+    if earlier_dirs and export_format != "hf":
+        raise click.BadParameter(
+            f"a {export_format} export of --save holds this edit alone, not the --on-top-of deltas; "
+            "use --format hf (the whole edited model), or an edit chain (--chain) and `memit export CHAIN_DIR`",
+            param_hint="--format",
+        )
 
 
 def _open_chain(chain_dir, model, tok, alg, hparams, options):
@@ -205,6 +256,33 @@ def demo(model_name, load, **edit_opts):
     deltas.revert(model)
 
 
+@main.command()
+@click.option("--model", "model_name", default="default", show_default=True, help="Hub id, model folder, .gguf file or 'default'.")
+@click.option("--edits", "edits_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Saved deltas to apply first (from /save or memit edit --save DIR --deltas-only).")
+@click.option("--chain", "chain_dir", default=None, type=click.Path(file_okay=False), help="An edit chain folder: loaded, and /edit appends to it (a new chain is started when it holds none).")
+@click.option("--compare", is_flag=True, help="After each answer of the edited model, the unedited model's answer (the same weights, edits taken out and put back).")
+@click.option("--hparams", default=None, help="Hyperparameters of /edit: a JSON file or preset name (default: the model's preset).")
+@click.option("--alg", default=None, help="Method of /edit: MEMIT (default), ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="Longest answer, in tokens.")
+@edit_options
+@model_options
+def chat(model_name, edits_dir, chain_dir, compare, hparams, alg, max_new_tokens, load, **edit_opts):
+    """Chat with the (edited) model in its chat template; /edit, /undo and /save edit facts on the spot."""
+    from memit.chat import chat_loop, open_session
+    from memit.models import load_model
+
+    if edits_dir and chain_dir:
+        raise click.BadParameter("give --edits or --chain, not both", param_hint="--edits/--chain")
+    model, tok = load_model(model_name, **load)
+    session = open_session(model, tok, edits_dir, chain_dir, hparams, alg, edit_options_from(**edit_opts), max_new_tokens)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    chat_loop(session, compare=compare)
+
+
 from memit.evaluation import cli as _evaluation_cli  # noqa: E402  (evaluation commands)
 
 main.add_command(_evaluation_cli.evaluate)
@@ -220,3 +298,7 @@ main.add_command(_trace)
 from memit.tuning.cli import tune as _tune  # noqa: E402
 
 main.add_command(_tune)
+
+from memit.export.cli import export as _export  # noqa: E402
+
+main.add_command(_export)

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.evaluation.answers import cut_answer, first_said, generate_answers
 from memit.predict import score_continuations, top_next_tokens
-from memit.requests import EditRequest
+from memit.requests import EditRequest, check_tokenization, merged_subject_note
 
 
 def describe_predictions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest]) -> list[dict[str, Any]]:
@@ -18,6 +18,7 @@ def describe_predictions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
     true = score_continuations(model, tok, [prompts[i] for i in with_true], [requests[i].target_true for i in with_true])
     true_by_index = dict(zip(with_true, true))
     said = generate_answers(model, tok, prompts)
+    subject_tokens = check_tokenization(requests, tok)
     out = []
     for i, prompt in enumerate(prompts):
         entry: dict[str, Any] = {
@@ -30,6 +31,9 @@ def describe_predictions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
         }
         if i in true_by_index:
             entry["target_true_prob"] = true_by_index[i].prob
+        if subject_tokens[i].merged:
+            # The edit is made at a token that runs past the subject: say so with its results.
+            entry["merged_subject_token"] = subject_tokens[i].text
         out.append(entry)
     return out
 
@@ -37,6 +41,8 @@ def describe_predictions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, r
 def print_report(requests: list[EditRequest], before: list[dict], after: list[dict]) -> None:
     for request, pre, post in zip(requests, before, after):
         click.echo(f"\n{pre['prompt']!r}  (target_new {request.target_new!r}" + (f", target_true {request.target_true!r})" if request.target_true else ")"))
+        if "merged_subject_token" in pre:
+            click.echo(f"  note: {merged_subject_note(request, pre['merged_subject_token'])}")
         for label, entry in (("before", pre), ("after", post)):
             tops = ", ".join(f"{t['token']!r} {t['prob']:.2f}" for t in entry["top_tokens"])
             line = f"  {label:6} p(new)={entry['target_new_prob']:.3f}"

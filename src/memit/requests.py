@@ -1,6 +1,7 @@
 """Edit requests in the paper's form, validated before any weight changes."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -9,6 +10,8 @@ from transformers import PreTrainedTokenizerBase
 
 from memit.errors import InputError
 from memit.utils.io import read_json
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(InputError):
@@ -85,31 +88,88 @@ def parse_requests(raws: Iterable[Mapping[str, Any] | EditRequest]) -> list[Edit
 def load_requests(path: str | Path) -> list[EditRequest]:
     """Read a JSON list of requests (or a single request object)."""
     data = read_json(path, what="requests file")
-    return parse_requests(data if isinstance(data, list) else [data])
+    try:
+        return parse_requests(data if isinstance(data, list) else [data])
+    except RequestError as err:
+        raise RequestError(f"requests file {path}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SubjectToken:
+    """Where a request's keys are read and its target vector is optimised: the last token of
+    the filled prompt that overlaps the subject's characters."""
+
+    index: int
+    text: str  # the token's characters in the filled prompt
+    merged: bool  # the token runs past the subject's end (")?" in "(APA-56)?")
+
+
+def subject_token(tok: PreTrainedTokenizerBase, text_template: str, subject: str) -> SubjectToken:
+    """The subject's last token in ``text_template`` with ``{}`` filled by ``subject``.
+
+    A BPE tokenizer may merge the subject's last characters with what follows it (")" and "?"
+    into ")?"), so that no token ends where the subject ends; like the paper's code, the edit
+    is then made at the last token that overlaps the subject. Raises :class:`RequestError`
+    (naming the field) only when no token covers the subject's characters.
+    """
+    start = text_template.index("{}")
+    end = start + len(subject)
+    text = text_template.replace("{}", subject, 1)
+    if getattr(tok, "is_fast", False):
+        return _overlapping_token(tok, text, subject, start, end)
+    return _token_after_prefix(tok, text, end)
+
+
+def _overlapping_token(tok: PreTrainedTokenizerBase, text: str, subject: str, start: int, end: int) -> SubjectToken:
+    """The last token whose characters (the tokenizer's offsets) overlap ``text[start:end]``."""
+    spans = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    # Special tokens (a BOS) have empty spans and cover no character.
+    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end and b > start]
+    if not inside:
+        raise RequestError(f"subject: no token of {text!r} covers the subject {subject!r}")
+    a, b = spans[inside[-1]]
+    return SubjectToken(inside[-1], text[a:b], merged=b > end)
+
+
+def _token_after_prefix(tok: PreTrainedTokenizerBase, text: str, end: int) -> SubjectToken:
+    """A slow tokenizer has no offsets: the paper's position, the number of tokens of the
+    text up to the subject's end, less one (exact unless that text's tokens differ)."""
+    upto_subject = tok(text[:end])["input_ids"]
+    full = tok(text)["input_ids"]
+    index = min(len(upto_subject), len(full)) - 1
+    return SubjectToken(index, tok.decode(full[index : index + 1]), merged=full[: len(upto_subject)] != upto_subject)
 
 
 def subject_token_index(tok: PreTrainedTokenizerBase, text_template: str, subject: str) -> int:
-    """Index of the subject's last token in ``text_template`` with ``{}`` filled by ``subject``.
-
-    Raises :class:`RequestError` when the subject does not end on a token boundary of the
-    full text (for example "{}ian" with subject "Paris"), since its last token is then
-    not a token of the prompt.
-    """
-    prefix = text_template[: text_template.index("{}")]
-    upto_subject = tok(prefix + subject)["input_ids"]
-    full = tok(text_template.replace("{}", subject, 1))["input_ids"]
-    if full[: len(upto_subject)] != upto_subject:
-        raise RequestError(f"subject: the tokens of {subject!r} cannot be located in {text_template!r}")
-    return len(upto_subject) - 1
+    """Index of the subject's last token (:func:`subject_token`) in the filled ``text_template``."""
+    return subject_token(tok, text_template, subject).index
 
 
-def check_tokenization(requests: list[EditRequest], tok: PreTrainedTokenizerBase) -> None:
-    """Check that every subject can be located in its prompt, naming the request on failure."""
+def check_tokenization(requests: list[EditRequest], tok: PreTrainedTokenizerBase) -> list[SubjectToken]:
+    """Each request's subject token; a subject no token covers is refused, naming the request."""
+    tokens = []
     for i, request in enumerate(requests):
         try:
-            subject_token_index(tok, request.prompt, request.subject)
+            tokens.append(subject_token(tok, request.prompt, request.subject))
         except RequestError as err:
             raise RequestError(f"request {i}: {err}") from None
+    return tokens
+
+
+def merged_subject_note(request: EditRequest, token_text: str) -> str:
+    """What to tell about a request whose subject ends inside the token ``token_text``."""
+    return (
+        f"the subject {request.subject!r} ends inside the token {token_text!r} of {request.filled_prompt()!r}; "
+        "it is edited at that token, as the paper's code does"
+    )
+
+
+def warn_merged_subjects(requests: list[EditRequest], tokens: list[SubjectToken]) -> None:
+    """One warning per request whose subject ends inside a token (its edit may be weaker)."""
+    for request, token in zip(requests, tokens):
+        if token.merged:
+            where = "" if request.case_id is None else f" (case {request.case_id})"
+            log.warning("Request%s: %s", where, merged_subject_note(request, token.text))
 
 
 def _checked(request: EditRequest, index: int) -> EditRequest:
@@ -153,9 +213,13 @@ def _with_space(target: str) -> str:
 __all__ = [
     "EditRequest",
     "RequestError",
+    "SubjectToken",
     "check_tokenization",
     "load_requests",
+    "merged_subject_note",
     "parse_request",
     "parse_requests",
+    "subject_token",
     "subject_token_index",
+    "warn_merged_subjects",
 ]

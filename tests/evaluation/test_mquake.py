@@ -2,6 +2,7 @@
 a local server, and an edit of the default model through cases with several edits each."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from memit.evaluation.datasets import DatasetError, MquakeCase, detect_schema, load_cases, parse_records, training_examples
-from memit.evaluation.download import download, remote_files, remote_url
+from memit.evaluation.datasets import DATASETS, DatasetError, MquakeCase, detect_schema, load_cases, parse_records, training_examples
+from memit.evaluation.download import download, git_blob_of, remote_files, remote_url
 from memit.evaluation.metrics_mquake import evaluate_mquake_case, mquake_probes
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.predict import score_continuations
@@ -72,7 +73,12 @@ def test_metrics_by_hand(tiny_model, tokenizer, records):
     assert probes[-1].answers == ("Asia", "Asian continent")
 
 
-def test_download_entry_fetches_both_files_from_a_mirror(tmp_path):
+def test_download_entry_fetches_both_files_from_a_mirror(tmp_path, monkeypatch):
+    # The real files are pinned to their git blob; the mirror serves the sample under their names.
+    blob = git_blob_of(SAMPLE)
+    mquake = DATASETS["mquake"]
+    monkeypatch.setitem(DATASETS, "mquake", dataclasses.replace(
+        mquake, remote_files=tuple(dataclasses.replace(f, git_blob=blob) for f in mquake.remote_files)))
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for name in ("MQuAKE-CF-3k.json", "MQuAKE-T.json"):

@@ -276,3 +276,50 @@ def test_update_size_is_the_norm_of_the_summed_change():
     assert update_size([first]) == pytest.approx({"norm": 0.5 * 12**0.5, "relative": 0.25})
     second = WeightDeltas({"weight": -change}, manifest={"fit": {"unwritten": 0.125}}).apply(layer)
     assert update_size([first, second]) == {"norm": 0.0, "relative": 0.0, "unwritten": 0.125}
+
+
+def test_a_zsre_subject_merged_with_the_question_mark_is_edited_and_counted(default_model, tmp_path):
+    # Record 9 asks 'What company made USS Leedstown (APA-56)?': the tokenizer merges the
+    # subject's ")" with the "?", and the case is edited at ")?" instead of being skipped.
+    from memit import MEMITHyperParams
+    from memit.editing.base import EditOptions
+    from memit.evaluation.runner import merged_subject_case_ids
+
+    from ..conftest import ZSRE, random_llama
+
+    tok = default_model[1]
+    _, _, cases = load_cases("zsre", ZSRE)
+    kept, skipped = editable_cases(cases[:10], tok, limit=None)
+    assert [c.case_id for c in kept] == [c.case_id for c in cases[:10]] and skipped == []
+    assert 9 in merged_subject_case_ids(kept, tok)
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([json.loads(ZSRE.read_text())[9]]))
+    hparams = MEMITHyperParams(
+        layers=[1, 2], v_num_grad_steps=5, v_lr=0.5, v_weight_decay=1e-3, clamp_norm_factor=20.0, kl_factor=0.0625,
+        mom2_n_samples=20, mom2_max_tokens=64, mom2_update_weight=100.0, context_template_length_params=[[5, 2]],
+        mom2_dataset="wikipedia-sample",
+    )
+    config = RunConfig(dataset="zsre", data_file=str(data), skip_generation=True, generated_answers=False, out=str(tmp_path))
+    run_dir = run_evaluation(config, random_llama(tok, num_layers=4, seed=3), tok, hparams, EditOptions(stats_dir=str(tmp_path / "stats")))
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params["skipped_case_ids"] == [] and params["merged_subject_case_ids"] == [0]
+    summary = summarize_run(run_dir)
+    assert summary.num_cases == 1 and summary.to_json()["merged_subject_cases"] == 1
+
+
+def test_evaluate_says_how_to_continue_and_that_command_continues_the_run(default_model, fast_hparams, tmp_path):
+    import shlex
+
+    hparams = tmp_path / "hparams.json"
+    fast_hparams.save(hparams)
+    args = ["evaluate", "--data-file", str(CF_MEND), "--limit", "1", "--skip-generation", "--no-generated-answers",
+            "--hparams", str(hparams), "--out", str(tmp_path)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    line = next(line for line in first.output.splitlines() if "continue it with: " in line)
+    again = shlex.split(line.split("continue it with: ", 1)[1])
+    assert again[:2] == ["memit", "evaluate"]
+    second = CliRunner().invoke(main, again[1:])
+    assert second.exit_code == 0, second.output
+    assert f"Results in {tmp_path / 'MEMIT' / 'run_000'}" in second.output
+    assert not (tmp_path / "MEMIT" / "run_001").exists()

@@ -184,3 +184,15 @@ def test_a_summary_rebuilt_from_its_record_reports_the_same(tmp_path):
     rebuilt = RunSummary.from_record(json.loads(json.dumps(summary.to_record())))
     assert rebuilt == summary
     assert format_comparison([rebuilt]) == format_comparison([summary]) and format_table(rebuilt) == format_table(summary)
+
+
+def test_cases_edited_at_a_merged_subject_token_are_counted(tmp_path):
+    run = _make_run(tmp_path / "run_000", 2, [(_cf(0.0, 0.0, 0.9), _cf(1.0, 1.0, 0.9))] * 2)
+    assert summarize_run(run).to_json()["merged_subject_cases"] is None  # recorded before they were counted
+    assert "merged_subject_cases" not in format_table(summarize_run(run))
+    params = json.loads((run / "params.json").read_text())
+    (run / "params.json").write_text(json.dumps({**params, "skipped_case_ids": [], "merged_subject_case_ids": [1]}))
+    summary = summarize_run(run)
+    assert summary.to_json()["merged_subject_cases"] == 1
+    assert " merged_subject_cases=1" in format_table(summary).splitlines()[0]
+    assert RunSummary.from_record(summary.to_record()).merged_subject_cases == 1

@@ -16,7 +16,7 @@ from memit.editing.hparams import HyperParams, HyperParamsError
 from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
-from memit.requests import EditRequest, check_tokenization, parse_requests
+from memit.requests import EditRequest, check_tokenization, parse_requests, warn_merged_subjects
 from memit.stats.corpus import FALLBACK_CORPUS, Corpus, resolve_corpus
 from memit.stats.second_moment import DEFAULT_BATCH_TOKENS
 
@@ -133,7 +133,7 @@ class Editor(ABC):
         hold them (an :class:`memit.chain.EditChain` passes its base weights).
         """
         requests = parse_requests(requests)
-        check_tokenization(requests, tok)
+        warn_merged_subjects(requests, check_tokenization(requests, tok))
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
         task = EditTask(model, tok, layout, requests, earlier, unedited)

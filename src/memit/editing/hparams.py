@@ -48,6 +48,8 @@ class HyperParams:
 
     @classmethod
     def from_dict(cls: type[H], data: Mapping[str, Any], source: str = "hyperparameters") -> H:
+        if not isinstance(data, Mapping):
+            raise HyperParamsError(f"{source}: expected a JSON object of hyperparameters, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         # How a tuned preset was found (memit tune): a record for people, not a hyperparameter.
         data = {k: v for k, v in data.items() if k != PROVENANCE_KEY}

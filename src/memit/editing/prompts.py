@@ -1,5 +1,6 @@
-"""Tokenising prompts in batches: finding the subject's last token in each, and prompts
-followed by the target tokens whose likelihood a method raises."""
+"""Tokenising prompts in batches: finding the subject's last token in each (the last token
+that overlaps the subject, which may run past it), and prompts followed by the target
+tokens whose likelihood a method raises."""
 from __future__ import annotations
 
 from dataclasses import dataclass

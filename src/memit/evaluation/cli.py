@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
              generation_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
-    from memit.evaluation.runner import RunConfig, run_evaluation
+    from memit.evaluation.runner import RunConfig, RunHooks, run_evaluation
     from memit.evaluation.summary import format_table, summarize_run
     from memit.utils.distributed import is_main
 
@@ -65,10 +66,21 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_templa
         continue_from_run=continue_from_run, **load,
     )
     start = time.perf_counter()
-    run_dir = run_evaluation(config, options=edit_options_from(**edit_opts))
+    run_dir = run_evaluation(config, options=edit_options_from(**edit_opts), hooks=RunHooks(on_start=_say_how_to_continue(hparams)))
     if is_main():  # one table from a torchrun group
         click.echo(format_table(summarize_run(run_dir)))
         click.echo(f"Results in {run_dir} (wall time {time.perf_counter() - start:.0f} s)")
+
+
+def _say_how_to_continue(hparams: str | None):
+    def say(run_dir) -> None:
+        from memit.utils.distributed import is_main
+
+        if is_main():
+            again = f"memit evaluate --continue-from-run {shlex.quote(str(run_dir))}"
+            again += f" --hparams {shlex.quote(hparams)}" if hparams else ""
+            click.echo(f"Writing to {run_dir}; if the run is interrupted, continue it with: {again}", err=True)
+    return say
 
 
 @click.command()
@@ -188,7 +200,8 @@ def targets(alg, model_name, data_file, limit, hparams, load, **edit_opts):
 @click.option("--base-url", default=None, help="Folder URL to fetch every file from (default: each file's own host).")
 @click.option("--retries", default=3, show_default=True)
 def download(names, data_dir, base_url, retries):
-    """Download data sets (cf, mcf, zsre, mquake, known, generation, or file names), verifying sha256 where published."""
+    """Download data sets (cf, mcf, zsre, mquake, known, generation, or file names), each checked against its pinned
+    SHA-256 (or the one recorded in the folder on its first download where the host publishes none)."""
     from memit.evaluation import datasets
     from memit.evaluation.download import download as fetch
 

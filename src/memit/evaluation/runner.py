@@ -50,6 +50,7 @@ from memit.requests import EditRequest, RequestError, check_tokenization, confli
 from memit.stats.corpus import Corpus
 from memit.utils import distributed
 from memit.utils.io import read_json, write_json
+from memit.utils.paths import child_path, path_component
 from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,14 @@ class RunHooks:
 
     on_case_done: Callable[[Path], None] | None = None
     on_edit: Callable[[list[Case]], None] | None = None
+    on_start: Callable[[Path], None] | None = None  # the run folder, before any case is edited
 
 
 # --- run folders --------------------------------------------------------------------------
 
 
 def run_root(out: str | Path, alg: str) -> Path:
-    return Path(out) / alg
+    return child_path(out, path_component(alg))
 
 
 def new_run_dir(out: str | Path, alg: str) -> Path:
@@ -200,7 +202,8 @@ def resolve_run_dir(out: str | Path, alg: str, run: str) -> Path:
 
 
 def case_file(run_dir: Path, case: Case) -> Path:
-    return run_dir / f"case_{case.case_id}.json"
+    """The case's result file; its id comes from a data file, so it is encoded to stay in ``run_dir``."""
+    return child_path(run_dir, f"case_{path_component(case.case_id)}.json")
 
 
 def list_runs(out: str | Path, alg: str) -> list[Path]:
@@ -369,7 +372,7 @@ def _pre_metrics(
 ) -> dict[Any, dict[str, Any]]:
     """Unedited-model metrics of ``cases``, read from and added to the cache."""
     def path(case: Case) -> Path | None:
-        return cache / f"case_{case.case_id}.json" if cache is not None else None
+        return case_file(cache, case) if cache is not None else None
 
     pre = {c.case_id: read_json(p, what="cached pre-edit metrics") for c in cases if (p := path(c)) is not None and p.is_file()}
     todo = [c for c in cases if c.case_id not in pre]
@@ -392,11 +395,12 @@ def _groups(cases: list[Case], size: int) -> list[list[Case]]:
 
 def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int | None, batch_size: int | None = None) -> tuple[list[Case], list]:
     """The first ``limit`` cases that can be edited in batches of ``batch_size`` (None: one
-    batch), and the ids of those skipped: a subject that cannot be located in the prompt's
-    tokens (e.g. one ending in ")" before "?" that the tokenizer merges into ")?"; the paper's
-    code edits those at an approximate position), or a request that contradicts one earlier in
-    its batch (the same subject and prompt, another target; the paper's MultiCounterFact drops
-    such conflicts, and a batch cannot hold both)."""
+    batch), and the ids of those skipped: a subject that no token of the prompt covers, or a
+    request that contradicts one earlier in its batch (the same subject and prompt, another
+    target; the paper's MultiCounterFact drops such conflicts, and a batch cannot hold both).
+    A subject whose last characters the tokenizer merges with what follows (")?" in
+    "(APA-56)?") is kept and edited at that token, as in the paper's code
+    (:func:`merged_subject_case_ids` counts those)."""
     kept: list[Case] = []
     skipped: list = []
     batch_targets: dict[tuple[str, str], str] = {}
@@ -427,6 +431,12 @@ def _not_editable_because(requests: list[EditRequest], tok: PreTrainedTokenizerB
         if earlier != request.target_new:
             return f"{request.subject!r} in {request.prompt!r} asks for {request.target_new!r}, an earlier case of its batch for {earlier!r}"
     return None
+
+
+def merged_subject_case_ids(cases: list[Case], tok: PreTrainedTokenizerBase) -> list:
+    """Ids of the cases with a request whose subject ends inside a token: their edits are made
+    at that token (the editor warns once per request), and a run records how many there were."""
+    return [c.case_id for c in cases if any(t.merged for t in check_tokenization(list(case_requests(c)), tok))]
 
 
 def _validate_batches(cases: list[Case], config: RunConfig) -> None:
@@ -502,8 +512,11 @@ def run_evaluation(
     config = dataclasses.replace(config, dataset=dataset, data_file=str(Path(path).resolve()))
     run_dir = start_run(run_dir, config, hparams, {
         "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
-        "skipped_case_ids": skipped, "planned_cases": len(cases), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "skipped_case_ids": skipped, "merged_subject_case_ids": merged_subject_case_ids(cases, tok),
+        "planned_cases": len(cases), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    if hooks.on_start:
+        hooks.on_start(run_dir)
     # One editor for the whole run, so that what it derives from the statistics is reused.
     editor = get_editor_class(config.alg)(hparams, options)
     spec = _run_spec(config)
@@ -632,7 +645,7 @@ def batch_requests(batch: list[Case]) -> list[EditRequest]:
 
 
 def _deltas_dir(run_dir: Path, group: list[Case]) -> Path:
-    return run_dir / ".deltas" / f"group_{group[0].case_id}"
+    return child_path(run_dir / ".deltas", f"group_{path_component(group[0].case_id)}")
 
 
 def edit_key(editor: Editor, model: PreTrainedModel, requests: list[EditRequest], earlier: list[str]) -> str:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memit.errors import MissingFileError
+from memit.errors import InputError, MissingFileError
 from memit.evaluation.answers import JudgedAnswer, answer_metrics, first_said, mentions, unchanged_share
 from memit.evaluation.datasets import DATASETS
 from memit.evaluation.runner import PARAMS_FILE
@@ -104,6 +104,13 @@ class RunSummary:
         stat = self.stats[phase].get(key)
         return None if stat is None else stat.mean
 
+    @property
+    def merged_subject_cases(self) -> int | None:
+        """How many cases had a subject ending inside a token, edited at that token (None
+        for runs recorded before it was counted)."""
+        merged = self.params.get("merged_subject_case_ids")
+        return None if merged is None else len(merged)
+
     def to_record(self) -> dict[str, Any]:
         """All of the summary, plain JSON: :meth:`from_record` rebuilds it once the run folder is gone."""
         return {**asdict(self), "run_dir": str(self.run_dir)}
@@ -135,6 +142,7 @@ class RunSummary:
         out["consistency_tfidf"] = self.consistency_tfidf
         out["update_norm"], out["update_relative"] = self.update_norm, self.update_relative
         out["update_unwritten"] = self.update_unwritten
+        out["merged_subject_cases"] = self.merged_subject_cases
         return out
 
 
@@ -144,7 +152,14 @@ def prompt_format_of(params: dict[str, Any]) -> str:
 
 
 def load_case_records(run_dir: Path, any_groups: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    return [with_derived_metrics(read_json(path, what="case file"), any_groups) for path in sorted(run_dir.glob("case_*.json"))]
+    return [with_derived_metrics(_case_record(path), any_groups) for path in sorted(run_dir.glob("case_*.json"))]
+
+
+def _case_record(path: Path) -> dict[str, Any]:
+    record = read_json(path, what="case file")
+    if not isinstance(record, dict) or not isinstance(record.get("post"), dict):
+        raise InputError(f"case file {path}: not a case result (a JSON object with 'pre' and 'post' metrics)")
+    return record
 
 
 def with_derived_metrics(record: dict[str, Any], any_groups: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -173,6 +188,8 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     if not (run_dir / PARAMS_FILE).is_file():
         raise MissingFileError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")
     params = read_json(run_dir / PARAMS_FILE, what="run parameters")
+    if not isinstance(params, dict):
+        raise InputError(f"run parameters {run_dir / PARAMS_FILE}: expected a JSON object")
     spec = DATASETS.get(params.get("config", {}).get("dataset") or "")
     records = load_case_records(run_dir, spec.any_groups if spec is not None else frozenset())
     summary = RunSummary(run_dir, params, len(records))
@@ -213,6 +230,8 @@ def format_table(summary: RunSummary) -> str:
         f"num_edits={config.get('num_edits')} sequential_batches={config.get('sequential_batches')} cases={summary.num_cases}{unfinished} "
         f"prompts={prompt_format_of(summary.params)}"
     )
+    if summary.merged_subject_cases:
+        head += f" merged_subject_cases={summary.merged_subject_cases}"
     lines = [head, f"{'metric (x100)':<34}{'pre':>18}{'post':>18}"]
     labels = metric_labels(config.get("dataset"))
     for key in ("score", *METRICS):

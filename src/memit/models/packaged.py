@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from memit.errors import InputError
+from memit.errors import InputError, MissingFileError
 from memit.utils.io import atomic_path, memit_home
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,30 @@ def assemble_gguf(model: PackagedGGUF, target: Path | None = None) -> Path:
 def _matches(model: PackagedGGUF, path: Path) -> bool:
     if model.size is not None and path.stat().st_size != model.size:
         return False
-    if model.sha256 is None:
-        return True
+    return model.sha256 is None or _sha256(path) == model.sha256
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(_BLOCK):
             digest.update(block)
-    return digest.hexdigest() == model.sha256
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path, size: int, sha256: str, fix: str = "") -> Path:
+    """``path`` if it is the expected GGUF file (size, magic bytes, SHA-256), else an error
+    naming it: a damaged or replaced model file must not be converted and cached as the model.
+    ``fix`` says how to get a good copy."""
+    hint = f"; {fix}" if fix else ""
+    if not path.is_file():
+        raise MissingFileError(f"model: {path} does not exist{hint}")
+    have = path.stat().st_size
+    if have != size:
+        raise InputError(f"model: {path} holds {have:,} bytes, expected {size:,}{hint}")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InputError(f"model: {path} is not a GGUF file (no GGUF magic bytes){hint}")
+    if (got := _sha256(path)) != sha256:
+        raise InputError(f"model: {path} has SHA-256 {got}, expected {sha256}{hint}")
+    return path

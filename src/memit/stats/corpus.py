@@ -97,20 +97,26 @@ def read_texts(path: Path) -> Iterator[str]:
     """Texts of a .txt (one per line) or .jsonl file with a ``text`` field, optionally gzipped."""
     opener = gzip.open if path.suffix == ".gz" else open
     is_jsonl = ".jsonl" in path.suffixes
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if not is_jsonl:
-                yield line.rstrip("\n")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"corpus {path}: line {line_number} is not JSON ({err})") from None
-            if "text" not in record:
-                raise CorpusError(f"corpus {path}: line {line_number} has no 'text' field")
-            yield record["text"]
+    line_number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                if not is_jsonl:
+                    yield line.rstrip("\n")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorpusError(f"corpus {path}: line {line_number} is not JSON ({err})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise CorpusError(f"corpus {path}: line {line_number} has no 'text' string field")
+                yield record["text"]
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"corpus {path}: line {line_number + 1} is not UTF-8 text ({err.reason})") from None
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise CorpusError(f"corpus {path}: not a readable gzip file ({err})") from None
 
 
 def hub_corpus(name: str) -> Corpus:

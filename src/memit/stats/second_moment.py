@@ -21,6 +21,7 @@ from memit.utils import distributed
 from memit.utils.grad import bf16_autocast
 from memit.utils.hooks import run_and_capture
 from memit.utils.io import atomic_path, memit_home
+from memit.utils.paths import path_component
 from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,7 @@ class SecondMomentCache:
         return self._folder(model, corpus) / f"partial_layers{layer_part}_n{n_samples}_t{max_tokens}_{dtype}{_autocast_suffix(autocast)}.safetensors"
 
     def _folder(self, model: PreTrainedModel, corpus: Corpus) -> Path:
-        return self.root / model_fingerprint(model) / corpus.identity
+        return self.root / model_fingerprint(model) / path_component(corpus.identity)
 
     def _paths(
         self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, layout: ModelLayout, layers: list[int], corpus: Corpus,

@@ -21,6 +21,7 @@ from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.tracing.causal_trace import KINDS, Trace, noise_level, trace_prompt
 from memit.utils.io import read_json, write_json
+from memit.utils.paths import child_path, path_component
 from memit.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def known_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, knowns: li
 
 
 def trace_file(out: Path, known: Known, kind: str) -> Path:
-    return out / "traces" / f"{known.known_id}_{kind}.json"
+    return child_path(out / "traces", f"{path_component(known.known_id)}_{kind}.json")
 
 
 def trace_dataset(
@@ -200,14 +201,10 @@ def summarize_traces(out: str | os.PathLike, kinds: tuple[str, ...] = KINDS, plo
     for kind, average in averages.items():
         plot_average(average, out / f"average_{kind}.png")
         for trace in load_traces(out, kind)[:plots]:
-            plot_trace(trace, out / "heatmaps" / f"{_safe(trace.subject)}_{kind}.png")
+            plot_trace(trace, out / "heatmaps" / f"{path_component(trace.subject)}_{kind}.png")
     if averages:
         plot_last_subject(averages, out / "last_subject_token.png")
     return averages
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)[:60]
 
 
 __all__ = [

@@ -116,7 +116,8 @@ def _resume(
     path = checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir is not None else None
     if path is None or not path.is_file():
         return 0
-    state = torch.load(path)
+    # weights_only: a checkpoint file must not be able to run code when it is read.
+    state = torch.load(path, weights_only=True)
     if state["identity"] != identity:
         raise InputError(f"checkpoint: {path} belongs to another training (model, data or hyperparameters); delete it to start again")
     network.load_state_dict(state["network"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from memit.errors import MissingFileError
+from memit.evaluation.checksums import verify_recorded
 from memit.evaluation.datasets.base import Case, DatasetError, DatasetSpec, RemoteFile
 from memit.evaluation.datasets.cf_mend import CF_MEND, parse_cf_mend
 from memit.evaluation.datasets.counterfact import CF, MCF, CounterFactCase, parse_counterfact
@@ -135,9 +136,14 @@ def load_cases(
     """Load and validate a data set; returns ``(dataset, file, cases)``. With a ``data_file``
     and no ``dataset`` the schema is detected."""
     path = Path(data_file) if data_file else default_data_file(dataset or DEFAULT_DATASET, folder)
+    if path.is_file():
+        verify_recorded(path)  # a downloaded file without a published checksum must not have changed since
     records = read_json(path, what="data file")
     if dataset is None:
-        dataset = detect_schema(records)
+        try:
+            dataset = detect_schema(records)
+        except DatasetError as err:
+            raise DatasetError(f"data file {path}: {err}") from None
     try:
         cases = parse_records(records, dataset, source=str(path))
     except DatasetError as err:

@@ -39,12 +39,14 @@ def case_requests(case: Case) -> tuple[EditRequest, ...]:
 @dataclass(frozen=True)
 class RemoteFile:
     """A file on the data host; ``sha256``/``size`` are None where the host gives none;
-    ``base_url`` is the folder it is in when that is not the paper's host."""
+    ``base_url`` is the folder it is in when that is not the paper's host; ``git_blob`` is
+    git's id of the file's content (a SHA-1) where a git tree pins it and no sha256 is known."""
 
     name: str
     sha256: str | None = None
     size: int | None = None
     base_url: str | None = None
+    git_blob: str | None = None
 
 
 Parser = Callable[[Any, int], Any]  # (record, its index in the file) -> case

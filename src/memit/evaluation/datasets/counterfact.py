@@ -73,7 +73,8 @@ CF = DatasetSpec(
     has_generation=True,
 )
 
-# The same schema as cf, so detection reports a MultiCounterFact file as cf.
+# The same schema as cf, so detection reports a MultiCounterFact file as cf. Its host publishes
+# no checksum: the download records the sha256 it first gets (trust on first use).
 MCF = dataclasses.replace(
     CF, name="mcf", local_files=("multi_counterfact.json",), remote_files=(RemoteFile("multi_counterfact.json"),), detect_order=None
 )

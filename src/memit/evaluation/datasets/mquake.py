@@ -13,8 +13,12 @@ from memit.evaluation.datasets.fields import get_field, get_request, get_strings
 from memit.evaluation.metrics_mquake import MULTIHOP, evaluate_mquake_case, mquake_probes
 from memit.requests import EditRequest
 
-# The data sets' home; it publishes no checksums.
-MQUAKE_HOST = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets"
+# The data sets' home, pinned to a commit (main on 2024-09-12, "update mquake-cf-3k-v2 (#12)")
+# so that the files cannot change under a moving branch. The repository publishes no
+# sha256; the commit's tree names each file's git blob id, which the download checks, and
+# the sha256 of the first download is recorded beside the data (see memit.evaluation.download).
+MQUAKE_COMMIT = "fb43dadc2d8cd19d08ce81c63d957b59deb3f3cd"
+MQUAKE_HOST = f"https://raw.githubusercontent.com/princeton-nlp/MQuAKE/{MQUAKE_COMMIT}/datasets"
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,11 @@ MQUAKE = DatasetSpec(
     any_groups=frozenset({MULTIHOP}),
     local_files=("MQuAKE-CF-3k.json", "MQuAKE-CF.json", "MQuAKE-T.json"),
     remote_files=(
-        RemoteFile("MQuAKE-CF-3k.json", base_url=MQUAKE_HOST),
-        RemoteFile("MQuAKE-T.json", base_url=MQUAKE_HOST),
+        RemoteFile("MQuAKE-CF-3k.json", base_url=MQUAKE_HOST, git_blob="b9d0963c6c1c81b24d8113ffdc3fd0865a423e18"),
+        RemoteFile("MQuAKE-T.json", base_url=MQUAKE_HOST, git_blob="afd89d0c8fe5e304f771bad88cc0ced611278fe0"),
     ),
     detect_order=3,
 )
 
 
-__all__ = ["MQUAKE", "MquakeCase", "parse_mquake"]
+__all__ = ["MQUAKE", "MQUAKE_COMMIT", "MQUAKE_HOST", "MquakeCase", "parse_mquake"]

@@ -76,6 +76,7 @@ ZSRE = DatasetSpec(
     scored_pairs=zsre_pairs,
     training_example=zsre_training_example,
     local_files=("zsre_mend_eval.json",),
+    # The host publishes no checksum: the download records the sha256 it first gets (trust on first use).
     remote_files=(RemoteFile("zsre_mend_eval.json"),),
     detect_order=1,
     # The paper calls the unrelated question's accuracy specificity.
