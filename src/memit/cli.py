@@ -50,7 +50,7 @@ def main(verbose: int) -> None:
 @click.option("--requests", "requests_file", default=None, type=click.Path(dir_okay=False), help="JSON list of requests (required unless --revert).")
 @click.option("--hparams", default=None, help="Hyperparameter JSON file or preset name (default: the model's preset).")
 @click.option("--alg", default=None, help="Editing method: MEMIT (default), ROME, FT (FT-W), FT-L, AlphaEdit or MEND (after train-mend).")
-@click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas).")
+@click.option("--save", "save_dir", default=None, type=click.Path(file_okay=False), help="Save the edited model here (with --deltas-only, just the deltas; with --format, an export).")
 @click.option("--deltas-only", is_flag=True, help="With --save, write only the weight deltas and their manifest.")
 @click.option("--format", "export_format", default=None, type=click.Choice(["peft", "hf", "gguf"]),
               help="With --save, write the edit where models are served instead: a PEFT LoRA adapter (exact rank), "

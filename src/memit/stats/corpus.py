@@ -111,7 +111,7 @@ def read_texts(path: Path) -> Iterator[str]:
                 except json.JSONDecodeError as err:
                     raise CorpusError(f"corpus {path}: line {line_number} is not JSON ({err})") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise CorpusError(f"corpus {path}: line {line_number} has no 'text' string field")
+                    raise CorpusError(f"corpus {path}: line {line_number} has no 'text' field (a string)")
                 yield record["text"]
     except UnicodeDecodeError as err:
         raise CorpusError(f"corpus {path}: line {line_number + 1} is not UTF-8 text ({err.reason})") from None
