@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Teacher-forced and generation-based metrics side by side (issue 14): 100 CounterFact and
+# Teacher-forced and generation-based metrics side by side: 100 CounterFact and
 # 100 zsRE cases, each edited in one batch by MEMIT, AlphaEdit and ROME, scored with the
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   bash scripts/answer_views.sh [OUT]      (default results/answer_views)
+#   [ALGS="MEMIT ROME"] bash scripts/answer_views.sh [OUT]      (default results/answer_views)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/answer_views}
 DATA=${MEMIT_SHARED_DATA:-../shared/data}
 MEMIT=${MEMIT:-.venv/bin/memit}
+read -r -a ALGS <<< "${ALGS:-MEMIT AlphaEdit ROME}"
 declare -A FILES=([cf]="$DATA/counterfact_subset400.json" [zsre]="$DATA/zsre_mend_eval_subset700.json")
 
 # The run of ALG in OUT/DATASET asked with the chat template or not (empty if none yet).
@@ -19,7 +20,7 @@ run_of() {
 }
 
 for dataset in cf zsre; do
-  for alg in MEMIT AlphaEdit ROME; do
+  for alg in "${ALGS[@]}"; do
     for format in raw chat; do
       flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit 100 --num-edits 100
              --skip-generation --reuse-edits --out "$OUT/$dataset")
@@ -31,5 +32,5 @@ for dataset in cf zsre; do
     done
   done
   echo "## $dataset"
-  "$MEMIT" summarize --compare $(for f in raw chat; do for a in MEMIT AlphaEdit ROME; do run_of "$dataset" "$a" "$f"; done; done)
+  "$MEMIT" summarize --compare $(for f in raw chat; do for a in "${ALGS[@]}"; do run_of "$dataset" "$a" "$f"; done; done)
 done

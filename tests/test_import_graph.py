@@ -9,7 +9,7 @@ from pathlib import Path
 import memit
 
 ROOT = Path(memit.__file__).parent
-LAYERS = {"utils": 0, "errors": 0, "requests": 0, "models": 1, "stats": 1, "deltas": 1, "predict": 1, "editing": 2, "evaluation": 3, "tracing": 3, "tuning": 4}
+LAYERS = {"utils": 0, "errors": 0, "requests": 0, "prompt_format": 0, "models": 1, "stats": 1, "deltas": 1, "predict": 1, "editing": 2, "evaluation": 3, "tracing": 3, "tuning": 4}
 
 
 def module_name(path: Path) -> str:

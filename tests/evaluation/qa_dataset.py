@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets import DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.evaluation.prompt_format import PromptFormat
+from memit.prompt_format import PromptFormat
 from memit.predict import score_continuations
 from memit.requests import EditRequest
 

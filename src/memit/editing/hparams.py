@@ -34,6 +34,7 @@ PAPER_FIELDS_NOT_READ = {
 
 PROVENANCE_KEY = "provenance"
 Z_EARLY_STOPS = ("loss", "most_probable")
+Z_PROMPT_FORMS = ("raw", "chat")
 
 
 class HyperParamsError(InputError):
@@ -125,6 +126,12 @@ class ZOptimizationParams(HyperParams):
     z_early_stop: str = "loss"
     # Generated context prefixes: for each [length, count], count prefixes of length tokens.
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
+    # The forms each target vector is optimised in, with a weight each: "raw", the rewrite
+    # prompt after each context prefix (the paper); "chat", the rewrite prompt as the user turn
+    # of the tokenizer's chat template with the target opening the assistant's answer, so that
+    # the edit holds when the model is asked in conversation. A tokenizer without a chat
+    # template gets the raw form only.
+    z_prompt_forms: dict[str, float] = dataclasses.field(default_factory=lambda: {"raw": 1.0})
     # The paper's module names; taken from the model's architecture when absent.
     rewrite_module_tmp: str | None = None
     layer_module_tmp: str | None = None
@@ -137,6 +144,11 @@ class ZOptimizationParams(HyperParams):
         if self.z_early_stop not in Z_EARLY_STOPS:
             raise HyperParamsError(f"hyperparameter 'z_early_stop' must be one of {list(Z_EARLY_STOPS)}, got {self.z_early_stop!r}")
         self.check_positive("v_num_grad_steps", "v_lr", "clamp_norm_factor")
+        unknown = sorted(set(self.z_prompt_forms) - set(Z_PROMPT_FORMS))
+        if unknown:
+            raise HyperParamsError(f"hyperparameter 'z_prompt_forms': unknown form(s) {unknown}; the forms are {list(Z_PROMPT_FORMS)}")
+        if any(w < 0 for w in self.z_prompt_forms.values()) or not any(w > 0 for w in self.z_prompt_forms.values()):
+            raise HyperParamsError(f"hyperparameter 'z_prompt_forms': weights must be non-negative and one positive, got {self.z_prompt_forms}")
 
 
 @dataclasses.dataclass
@@ -220,6 +232,9 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, item) for k, v in value.items())
     if hint is Any:
         return True
     if hint is float:

@@ -16,6 +16,7 @@ element). Two ways to compute the logits give the same numbers:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from memit.editing.hparams import ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.editing.target_cache import TargetCache
 from memit.models.layout import ModelLayout
+from memit.prompt_format import CHAT_NAME, RAW, RAW_NAME, PromptFormat, prompt_format
 from memit.requests import EditRequest
 from memit.utils import distributed
 from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, set_attn_implementation
@@ -58,7 +60,8 @@ class TargetVectors:
 
 @dataclass
 class _Problem:
-    """The prompts of a group of requests, flattened into one batch."""
+    """The prompts of a group of requests, flattened into one batch: each request's rewrite
+    sequences (in every prompt form), then one KL prompt per request."""
 
     batch: PromptBatch
     seq_request: torch.Tensor  # request index of each sequence
@@ -66,10 +69,10 @@ class _Problem:
     target_pos: torch.Tensor
     target_tok: torch.Tensor
     target_req: torch.Tensor
-    target_len: torch.Tensor  # per request: number of target tokens
-    prompts_per_request: int
+    seq_weight: torch.Tensor  # per rewrite sequence: its share of its request's target loss
+    seq_target_len: torch.Tensor  # per rewrite sequence: number of target tokens (at least 1)
     kl_seq: torch.Tensor  # per request: the sequence of its KL prompt
-    init_seq: torch.Tensor  # per request: the sequence of its bare rewrite prompt
+    init_seq: torch.Tensor  # per request: the sequence of its bare rewrite prompt, raw
 
 
 def compute_targets(
@@ -113,7 +116,7 @@ def compute_targets(
         indices = todo[start : start + batch_size]
         chunk = [requests[i] for i in indices]
         started = time.perf_counter()
-        part = _optimise(model, layout, _build_problem(tok, chunk, context_templates), len(chunk), hparams, layer, init_module, fast, autocast)
+        part = _optimise(model, layout, _build_problem(tok, chunk, context_templates, hparams.z_prompt_forms), len(chunk), hparams, layer, init_module, fast, autocast)
         seconds_each = (time.perf_counter() - started) / len(chunk)
         for j, i in enumerate(indices):
             rows[i] = (part.init[j], part.delta[j], part.final_loss[j : j + 1])
@@ -135,45 +138,88 @@ def _by_suffix_length(tok: PreTrainedTokenizerBase, requests: list[EditRequest])
     return torch.argsort(batch.lengths - batch.subject_positions, stable=True)
 
 
-def _build_problem(tok: PreTrainedTokenizerBase, requests: list[EditRequest], context_templates: ContextTemplates) -> _Problem:
+CHAT_TEMPLATES = ["{}"]
+
+
+def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> list[tuple[PromptFormat, float]]:
+    """The prompt formats a target vector is optimised in, raw first, each with its weight; the
+    chat form is left out (with a warning) for a tokenizer without a chat template."""
+    forms = []
+    for name in (RAW_NAME, CHAT_NAME):
+        weight = weights.get(name, 0.0)
+        if weight <= 0:
+            continue
+        if name == CHAT_NAME and not getattr(tok, "chat_template", None):
+            _warn_no_chat_template()
+            continue
+        forms.append((prompt_format(tok, chat_template=name == CHAT_NAME), weight))
+    return forms or [(RAW, 1.0)]
+
+
+@functools.cache
+def _warn_no_chat_template() -> None:
+    log.warning("z_prompt_forms: this tokenizer has no chat template; target vectors use the raw form only")
+
+
+def _build_problem(
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    context_templates: ContextTemplates,
+    form_weights: dict[str, float] | None = None,
+) -> _Problem:
     templates = flatten(context_templates)
-    texts, subjects, seq_request = [], [], []
-    t_seq, t_pos, t_tok, t_req, t_len = [], [], [], [], []
+    forms = prompt_forms(tok, form_weights or {RAW_NAME: 1.0})
+    total_weight = sum(weight for _, weight in forms)
+    texts, subjects, seq_request, seq_weight, seq_targets, init_seq = [], [], [], [], [], []
     for r, request in enumerate(requests):
-        ids = target_ids(tok, request.target_new)
-        # The prompt is followed by all target tokens but the last; the loss reads each of them.
-        prefix_of_target = tok.decode(ids[:-1])
-        for template in templates:
-            texts.append(template.replace("{}", request.prompt, 1) + prefix_of_target)
+        if forms[0][0].is_chat:
+            # init is read on the bare raw prompt, where MEMIT reads the current values too.
+            init_seq.append(len(texts))
+            texts.append(request.prompt)
             subjects.append(request.subject)
             seq_request.append(r)
-        t_len.append(len(ids))
+            seq_weight.append(0.0)
+            seq_targets.append([])
+        for form, weight in forms:
+            ids = target_ids(tok, form.continuation(request.target_new))
+            # The prompt is followed by all target tokens but the last; the loss reads each of them.
+            prefix_of_target = tok.decode(ids[:-1])
+            if not form.is_chat:
+                init_seq.append(len(texts))
+            # A user turn opens the conversation, so the chat form has no context prefixes.
+            form_templates = CHAT_TEMPLATES if form.is_chat else templates
+            for template in form_templates:
+                texts.append(form.prompt(template.replace("{}", request.prompt, 1)) + prefix_of_target)
+                subjects.append(request.subject)
+                seq_request.append(r)
+                seq_weight.append(weight / (total_weight * len(form_templates)))
+                seq_targets.append(ids)
+    n_rewrite = len(texts)
     for r, request in enumerate(requests):
         texts.append(KL_PROMPT)
         subjects.append(request.subject)
         seq_request.append(r)
     batch = tokenize_prompts(tok, texts, subjects)
-    for seq in range(len(requests) * len(templates)):
-        r = seq_request[seq]
-        ids = target_ids(tok, requests[r].target_new)
+    t_seq, t_pos, t_tok, t_req = [], [], [], []
+    for seq, ids in enumerate(seq_targets):
         end = int(batch.lengths[seq])
         for offset, token in enumerate(ids):
             t_seq.append(seq)
             t_pos.append(end - len(ids) + offset)
             t_tok.append(token)
-            t_req.append(r)
-    n_rewrite = len(requests) * len(templates)
+            t_req.append(seq_request[seq])
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return _Problem(
         batch=batch,
-        seq_request=torch.tensor(seq_request),
-        target_seq=torch.tensor(t_seq),
-        target_pos=torch.tensor(t_pos),
-        target_tok=torch.tensor(t_tok),
-        target_req=torch.tensor(t_req),
-        target_len=torch.tensor(t_len, dtype=torch.float32),
-        prompts_per_request=len(templates),
+        seq_request=as_long(seq_request),
+        target_seq=as_long(t_seq),
+        target_pos=as_long(t_pos),
+        target_tok=as_long(t_tok),
+        target_req=as_long(t_req),
+        seq_weight=torch.tensor(seq_weight, dtype=torch.float32),
+        seq_target_len=torch.tensor([max(1, len(ids)) for ids in seq_targets], dtype=torch.float32),
         kl_seq=torch.arange(n_rewrite, n_rewrite + len(requests)),
-        init_seq=torch.arange(0, n_rewrite, len(templates)),
+        init_seq=as_long(init_seq),
     )
 
 
@@ -288,9 +334,10 @@ def _loss_per_request(
     n_seq = len(problem.seq_request)
     target_seq = problem.target_seq.to(device)[target_active]
     per_seq = torch.zeros(n_seq, device=device, dtype=torch.float32).index_add(0, target_seq, -target_logp.float())
-    n_rewrite = n_requests * problem.prompts_per_request
-    per_seq = per_seq[:n_rewrite] / problem.target_len.to(device)[problem.seq_request[:n_rewrite].to(device)]
-    nll = per_seq.view(n_requests, problem.prompts_per_request).mean(1)[active]
+    n_rewrite = len(problem.seq_weight)
+    per_seq = per_seq[:n_rewrite] / problem.seq_target_len.to(device)
+    weighted = per_seq * problem.seq_weight.to(device)
+    nll = torch.zeros(n_requests, device=device).index_add(0, problem.seq_request[:n_rewrite].to(device), weighted)[active]
     # kl_div(input=init, target=current) as in the reference: sum p_cur (log p_cur - log p_init).
     kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)
     on_delta = active.to(delta.device)

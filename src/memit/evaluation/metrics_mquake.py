@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.evaluation.answers import Probe
-from memit.evaluation.prompt_format import RAW, PromptFormat
+from memit.prompt_format import RAW, PromptFormat
 from memit.predict import score_continuations
 
 if TYPE_CHECKING:  # the data set module imports these metrics

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.evaluation.answers import Probe
-from memit.evaluation.prompt_format import RAW, PromptFormat
+from memit.prompt_format import RAW, PromptFormat
 from memit.predict import score_continuations
 
 if TYPE_CHECKING:  # the data set modules import these metrics

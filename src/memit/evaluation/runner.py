@@ -44,7 +44,7 @@ from memit.evaluation.generation import (
     load_snippets,
     load_tfidf,
 )
-from memit.evaluation.prompt_format import RAW, PromptFormat, prompt_format
+from memit.prompt_format import RAW, PromptFormat, prompt_format
 from memit.predict import prefetched_scores
 from memit.requests import EditRequest, RequestError, check_tokenization, conflict_key, parse_requests
 from memit.stats.corpus import Corpus

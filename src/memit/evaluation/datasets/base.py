@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from memit.editing.mend.train import TrainingExample
     from memit.evaluation.answers import Probe
-    from memit.evaluation.prompt_format import PromptFormat
+    from memit.prompt_format import PromptFormat
 
 
 class DatasetError(InputError):

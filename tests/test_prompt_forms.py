@@ -1,0 +1,95 @@
+"""Target vectors optimised in several prompt forms (``z_prompt_forms``): the raw cloze prompt
+and the same prompt as a user turn of the chat template."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from memit import MEMITHyperParams, edit_model
+from memit.editing.context import get_context_templates
+from memit.editing.hparams import HyperParamsError
+from memit.editing.targets import _build_problem
+from memit.evaluation.datasets.counterfact import parse_counterfact
+from memit.evaluation.metrics_counterfact import score_case, success
+from memit.prompt_format import prompt_format
+from memit.requests import parse_requests
+
+BOTH = {"raw": 1.0, "chat": 1.0}
+# Cases of counterfact_subset400.json whose edit with the raw form alone holds in raw prompts
+# but not when the rewrite is asked in the default model's chat template.
+CHAT_MISSES = [7, 16]
+
+
+def _cases(records, indices):
+    return [parse_counterfact(records[i], i) for i in indices]
+
+
+def _chat_success(model, tok, cases) -> list[float]:
+    fmt = prompt_format(tok, chat_template=True)
+    return [success(score_case(model, tok, case, fmt)["efficacy"], true_wins=False) for case in cases]
+
+
+def test_the_chat_form_adds_chat_turns_to_the_target_loss(default_model, default_hparams):
+    model, tok = default_model
+    templates = get_context_templates(model, tok, default_hparams.context_template_length_params)
+    requests = parse_requests([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}])
+    raw = _build_problem(tok, requests, templates)
+    both = _build_problem(tok, requests, templates, BOTH)
+    texts = [tok.decode(ids[: int(n)]) for ids, n in zip(both.batch.input_ids, both.batch.lengths)]
+    chat_rows = [i for i, text in enumerate(texts) if "<|im_start|>assistant\n" in text]
+    assert chat_rows and all(both.seq_weight[i] > 0 for i in chat_rows)
+    # The answer opens the assistant turn: its target token is "football" without a leading space.
+    chat_targets = {int(both.target_tok[j]) for j in range(len(both.target_seq)) if int(both.target_seq[j]) in chat_rows}
+    assert chat_targets == set(tok("football", add_special_tokens=False)["input_ids"])
+    # The request's loss is split evenly between the forms, and the raw form alone is the paper's.
+    raw_rows = [i for i in range(len(both.seq_weight)) if i not in chat_rows]
+    assert float(both.seq_weight[raw_rows].sum()) == pytest.approx(0.5)
+    assert float(both.seq_weight[chat_rows].sum()) == pytest.approx(0.5)
+    assert float(raw.seq_weight.sum()) == pytest.approx(1.0) and len(raw.seq_weight) == len(raw_rows)
+    # MEMIT reads the current value at the bare raw prompt in every configuration.
+    assert texts[int(both.init_seq[0])].endswith("LeBron James plays the sport of")
+
+
+def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(default_model, default_hparams, counterfact_records):
+    model, tok = default_model
+    cases = _cases(counterfact_records, CHAT_MISSES)
+    requests = [case.request for case in cases]
+    assert default_hparams.z_prompt_forms == {"raw": 1.0, "chat": 2.0}  # the default model's preset
+    raw_only = edit_model(model, tok, requests, dataclasses.replace(default_hparams, z_prompt_forms={"raw": 1.0}))
+    try:
+        assert _chat_success(model, tok, cases) == [0.0] * len(cases)
+    finally:
+        raw_only.revert(model)
+    both = edit_model(model, tok, requests, default_hparams)
+    try:
+        assert _chat_success(model, tok, cases) == [1.0] * len(cases)
+        raw = prompt_format(tok, chat_template=False)
+        assert all(success(score_case(model, tok, case, raw)["efficacy"], true_wins=False) == 1.0 for case in cases)
+    finally:
+        both.revert(model)
+
+
+def test_a_tokenizer_without_a_chat_template_keeps_the_raw_form(default_model, default_hparams):
+    model, tok = default_model
+    plain_tok = copy.copy(tok)
+    plain_tok.chat_template = None
+    templates = get_context_templates(model, tok, default_hparams.context_template_length_params)
+    requests = parse_requests([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}])
+    problem = _build_problem(plain_tok, requests, templates, BOTH)
+    raw = _build_problem(tok, requests, templates)
+    assert torch.equal(problem.batch.input_ids, raw.batch.input_ids)
+    assert torch.equal(problem.seq_weight, raw.seq_weight)
+
+
+@pytest.mark.parametrize("forms, message", [
+    ({"json": 1.0}, r"'z_prompt_forms': unknown form\(s\) \['json'\]"),
+    ({"raw": 0.0}, "'z_prompt_forms': weights must be non-negative and one positive"),
+    ({"raw": 1.0, "chat": -1.0}, "'z_prompt_forms': weights must be non-negative"),
+    ({"raw": "high"}, "'z_prompt_forms' must be"),
+])
+def test_prompt_forms_are_validated(default_hparams, forms, message):
+    with pytest.raises(HyperParamsError, match=message):
+        MEMITHyperParams.from_dict({**default_hparams.to_dict(), "z_prompt_forms": forms})
