@@ -1,4 +1,4 @@
-"""Edit speed: the reference one-request-at-a-time MEMIT against the fast path (issue #5).
+"""Edit speed: the reference one-request-at-a-time MEMIT against the fast path.
 
     python benchmarks/edit_speed.py [--requests 64] [--stats-samples 200] [--bf16] [--threads 1]
 

@@ -4,7 +4,8 @@
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   [ALGS="MEMIT ROME"] bash scripts/answer_views.sh [OUT]      (default results/answer_views)
+#   [ALGS="MEMIT ROME"] [HPARAMS=preset] bash scripts/answer_views.sh [OUT]   (default results/answer_views)
+# HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/answer_views}
@@ -25,6 +26,7 @@ for dataset in cf zsre; do
       flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit 100 --num-edits 100
              --skip-generation --reuse-edits --out "$OUT/$dataset")
       [[ $format == chat ]] && flags+=(--chat-template)
+      [[ -n ${HPARAMS:-} ]] && flags+=(--hparams "$HPARAMS")
       run=$(run_of "$dataset" "$alg" "$format")
       [[ -n $run ]] && flags+=(--continue-from-run "$run")
       echo "== $dataset $alg $format: $(date -u +%H:%M:%S)"

@@ -57,13 +57,15 @@ def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(defau
     model, tok = default_model
     cases = _cases(counterfact_records, CHAT_MISSES)
     requests = [case.request for case in cases]
-    assert default_hparams.z_prompt_forms == {"raw": 1.0, "chat": 2.0}  # the default model's preset
-    raw_only = edit_model(model, tok, requests, dataclasses.replace(default_hparams, z_prompt_forms={"raw": 1.0}))
+    chat_hparams = MEMITHyperParams.preset("SmolLM2-135M-Instruct-chat")
+    chat_hparams.mom2_n_samples = default_hparams.mom2_n_samples
+    assert chat_hparams.z_prompt_forms == {"raw": 1.0, "chat": 2.0}
+    raw_only = edit_model(model, tok, requests, dataclasses.replace(chat_hparams, z_prompt_forms={"raw": 1.0}))
     try:
         assert _chat_success(model, tok, cases) == [0.0] * len(cases)
     finally:
         raw_only.revert(model)
-    both = edit_model(model, tok, requests, default_hparams)
+    both = edit_model(model, tok, requests, chat_hparams)
     try:
         assert _chat_success(model, tok, cases) == [1.0] * len(cases)
         raw = prompt_format(tok, chat_template=False)

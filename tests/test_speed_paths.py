@@ -1,4 +1,4 @@
-"""The fast paths compute what the reference paths compute (issue #5): target vectors and key statistics."""
+"""The fast paths compute what the reference paths compute: target vectors and key statistics."""
 from __future__ import annotations
 
 import copy
