@@ -134,7 +134,7 @@ def time_statistics(model, tok, layout: ModelLayout, layers: list[int], args: ar
         bf, _, bf_s = run(layers, autocast=True)
         out["stats_bf16_one_pass_s"] = bf_s
         out["stats_bf16_tokens_per_s"] = count / bf_s
-        out["stats_bf16_rel_diff"] = max(float((bf[l] - one[l]).norm() / one[l].norm()) for l in layers)
+        out["stats_bf16_rel_diff"] = max(float((bf[layer] - one[layer]).norm() / one[layer].norm()) for layer in layers)
     return out
 
 

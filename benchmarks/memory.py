@@ -218,7 +218,9 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
         options.stats_batch_tokens = args.stats_batch_tokens
     result["stats_batch_tokens"] = options.stats_batch_tokens
     layout = ModelLayout.from_model(model, hparams.layer_module_tmp, hparams.rewrite_module_tmp)
-    files = lambda: sorted(Path(args.stats_dir).rglob("*.safetensors"))
+
+    def files() -> list[Path]:
+        return sorted(Path(args.stats_dir).rglob("*.safetensors"))
 
     if args.phase == "stats":
         if files():

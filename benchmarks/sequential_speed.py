@@ -24,12 +24,11 @@ from typing import Any
 
 import torch
 
+from edit_speed import success_rates  # the paper's success rates, as `memit evaluate` computes them
 from memit import EditChain, load_model
 from memit.editing.hparams import preset_name_for
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import CounterFactCase, load_cases
-
-from edit_speed import success_rates  # the paper's success rates, as `memit evaluate` computes them
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))

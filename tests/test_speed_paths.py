@@ -104,7 +104,10 @@ def test_fast_targets_equal_plain_across_architectures(arch, default_model):
         {"prompt": "The sport played by {} is", "subject": "LeBron James", "target_new": "football"},
         {"prompt": "{}, the capital city of", "subject": "Paris", "target_new": "Italy"},
     ])
-    run = lambda **k: compute_targets(model, tok, layout, requests, hparams, templates, 2, **k)
+
+    def run(**options):
+        return compute_targets(model, tok, layout, requests, hparams, templates, 2, **options)
+
     plain, fast = run(batch_size=1, fast=False), run(batch_size=2, fast=True)
     torch.testing.assert_close(fast.delta, plain.delta, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(fast.final_loss, plain.final_loss, atol=1e-4, rtol=1e-3)

@@ -11,8 +11,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.mend.train import TrainingExample
 from memit.evaluation.datasets import DatasetSpec, RemoteFile
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.prompt_format import PromptFormat
 from memit.predict import score_continuations
+from memit.prompt_format import PromptFormat
 from memit.requests import EditRequest
 
 UNRELATED = "The capital of France is"

@@ -25,10 +25,10 @@ from memit.evaluation.answers import (
 from memit.evaluation.datasets import DatasetError, parse_records
 from memit.evaluation.metrics_counterfact import counterfact_probes, evaluate_counterfact_case
 from memit.evaluation.metrics_zsre import evaluate_zsre_case
-from memit.prompt_format import RAW, prompt_format
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.evaluation.summary import format_comparison, summarize_run
 from memit.predict import score_continuations
+from memit.prompt_format import RAW, prompt_format
 
 from ..conftest import ZSRE
 

@@ -23,7 +23,13 @@ import urllib.request
 from pathlib import Path
 
 from memit.evaluation.checksums import (
-    RECORD_FILE, ChecksumError, DownloadError, record_checksum, record_path, recorded_checksums, verify_recorded,
+    RECORD_FILE,
+    ChecksumError,
+    DownloadError,
+    record_checksum,
+    record_path,
+    recorded_checksums,
+    verify_recorded,
 )
 from memit.evaluation.datasets import DATASETS, RemoteFile
 from memit.utils.io import sha256_of

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.evaluation.answers import Probe
-from memit.prompt_format import RAW, PromptFormat
 from memit.predict import score_continuations
+from memit.prompt_format import RAW, PromptFormat
 
 if TYPE_CHECKING:  # the data set modules import these metrics
     from memit.evaluation.datasets import ZsreCase

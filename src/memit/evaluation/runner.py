@@ -44,8 +44,8 @@ from memit.evaluation.generation import (
     load_snippets,
     load_tfidf,
 )
-from memit.prompt_format import RAW, PromptFormat, prompt_format
 from memit.predict import prefetched_scores
+from memit.prompt_format import RAW, PromptFormat, prompt_format
 from memit.requests import EditRequest, RequestError, check_tokenization, conflict_key, parse_requests
 from memit.stats.corpus import Corpus
 from memit.utils import distributed
