@@ -10,9 +10,9 @@
 #            scored after 500, 1,000, 1,500 and 2,000 edits (earlier batches reloaded from the
 #            edit cache); fluency on every 5th case.
 #   rome-bf16  ROME's third sequential run to 2,000 edits, its target vectors under bfloat16
-#            autocast (about 3 s a request on one thread, against 4-5 s in float32, so that it fits
-#            a session): one process makes the 20 batches into the edit cache (scoring only the
-#            cheap teacher-forced metrics, in a folder of its own), the other scores the
+#            autocast (about 3 s a request on one thread, against 4-5 s in float32): one process
+#            makes the 20 batches into the edit cache (scoring only the cheap teacher-forced
+#            metrics, in a folder of its own), the other scores the
 #            checkpoint at 500 edits as soon as its batches are made, then, once the chain is
 #            done, those at 2,000 and 1,500 in NPROC processes. Where a request takes longer (5.5 s
 #            on one thread of an AVX512_BF16 CPU without AMX), CHAIN_THREADS=2 gives the chain
@@ -76,7 +76,7 @@ for part in "${@:-scaling sequential}"; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \
           --generation-interval 5 --reuse-edits --use-cache --out results/paper_sequential
       done
-      # AlphaEdit with its paper's ridge (docs/evaluation.md: why AlphaEdit trails MEMIT here)
+      # AlphaEdit with its paper's ridge (docs/results/scaling.md: why AlphaEdit trails MEMIT here)
       memit scale --alg AlphaEdit --hparams docs/evaluation/AlphaEdit_SmolLM2-135M-Instruct_ridge10.json --data-file "$DATA" \
         --num-edits 100 --sequential-batches 5,10,15,20 --generation-interval 5 --reuse-edits --use-cache --out results/alphaedit_probe
     fi

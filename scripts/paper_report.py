@@ -4,7 +4,7 @@ scaling curve, the update's size, what the solves left unwritten and what the ta
 cache saved; for the sequential runs, success by the edits' age.
 
 Each finished run's summary is kept in ``--archive`` (committed with the docs), so the tables and
-plots still hold the runs whose folders a fresh machine no longer has; a run folder that is
+plots still hold the runs whose folders are not under ``--results``; a run folder that is
 there replaces its archived summary.
 
     python scripts/paper_report.py [--results results] [--figures docs/evaluation] [--archive docs/evaluation/paper_runs.json]
@@ -76,7 +76,7 @@ def time_table(summaries: list[RunSummary]) -> str:
 
 def cache_saving(summaries: list[RunSummary], cost: dict[str, dict]) -> str:
     """The cache holds every target vector of the curve, each computed once (possibly over
-    several sessions and machines: the runs' own timings miss what a killed run computed, or
+    several runs and devices: the runs' own timings miss what a killed run computed, or
     what was computed ahead on a GPU); without it every run computes all of its own, at the
     CPU's rate where the cache has one."""
     count = sum(c["count"] for c in cost.values())

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from memit.cli import main
+from memit.errors import InputError
 
 BAD_KINDS = ("missing", "folder", "not_utf8", "wrong_shape")
 
@@ -105,7 +106,7 @@ def test_every_hostile_id_becomes_one_distinct_component_inside_its_folder(tmp_p
         assert len(name.encode()) <= 100, value
         assert child_path(tmp_path, name).parent == tmp_path
     assert [path_component(v) for v in (7, "1234", "run_003", "t.json")] == ["7", "1234", "run_003", "t.json"]
-    with pytest.raises(Exception, match="leaves its folder"):
+    with pytest.raises(InputError, match="leaves its folder"):
         child_path(tmp_path, "../outside")
 
 
@@ -229,7 +230,6 @@ def _same(a, b) -> bool:
 
 def test_damaged_or_replaced_deltas_files_are_refused_naming_the_file(tiny, tmp_path):
     from memit.deltas import WEIGHTS_FILE, WeightDeltas
-    from memit.errors import InputError
 
     _deltas_for(tiny).save(tmp_path / "d")
     weights = tmp_path / "d" / WEIGHTS_FILE

@@ -2,6 +2,7 @@
 statistics, target vectors, and an evaluation run's scoring (one run folder)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +33,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def counting_tokens(model):
+    """Counts the tokens ``model`` embeds while the context is open: the work a process did."""
+    seen = [0]
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.__setitem__(0, seen[0] + args[0].numel()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _hparams():
@@ -92,7 +104,9 @@ def _worker(rank: int, part: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         model, tok = load_model("default")
-        result = PARTS[part](model, tok, out)
+        with counting_tokens(model) as tokens:
+            result = PARTS[part](model, tok, out)
+        result["tokens"] = tokens[0]
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -115,7 +129,10 @@ def test_ranks_on_a_fresh_machine_convert_the_default_model_once(default_model, 
 def test_statistics_split_across_processes_equal_one_process(default_model, tmp_path):
     model, tok = default_model
     ranks = run_distributed("statistics", tmp_path)
-    alone = part_statistics(model, tok, tmp_path)
+    with counting_tokens(model) as tokens:
+        alone = part_statistics(model, tok, tmp_path)
+    # Each process read part of the corpus, and together the whole of it.
+    assert all(0 < r["tokens"] < 0.7 * tokens[0] for r in ranks) and sum(r["tokens"] for r in ranks) >= tokens[0]
     for result in ranks:
         assert result["count"] == alone["count"] > 0
         for layer in (3, 6):
@@ -125,7 +142,10 @@ def test_statistics_split_across_processes_equal_one_process(default_model, tmp_
 def test_target_vectors_split_across_processes_equal_one_process(default_model, tmp_path):
     model, tok = default_model
     ranks = run_distributed("targets", tmp_path)
-    alone = part_targets(model, tok, tmp_path)["delta"]
+    with counting_tokens(model) as tokens:
+        alone = part_targets(model, tok, tmp_path)["delta"]
+    # Three requests over two processes: each optimised its share, not all of them.
+    assert all(0 < r["tokens"] < 0.8 * tokens[0] for r in ranks)
     for result in ranks:
         assert float((result["delta"] - alone).norm() / alone.norm()) < 1e-4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
 import json
 import subprocess
 import venv
@@ -14,16 +15,15 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-
 REPO = Path(__file__).resolve().parents[1]
 # The oldest torch the tiny-architecture tests ran on (scripts/compat.sh can take it).
 OTHER_TORCH = "2.6.0"
 
 
 def requirements() -> dict[str, Requirement]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return {canonicalize_name(r.name): r for r in map(Requirement, project["dependencies"])}
+    """The installed memit's dependencies (pyproject.toml's, read the same way on every Python)."""
+    reqs = [Requirement(text) for text in importlib.metadata.requires("memit") or []]
+    return {canonicalize_name(r.name): r for r in reqs if r.marker is None or "extra" not in str(r.marker)}
 
 
 def pins() -> dict[str, str]:

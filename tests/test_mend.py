@@ -62,7 +62,7 @@ def trained_network(tmp_path_factory):
     return dataclasses.replace(hparams, network=str(folder / "network"))
 
 
-def test_trained_network_rewrites_a_fact_and_reverts_exactly(default_model, counterfact_records, trained_network):
+def test_trained_network_rewrites_a_fact_and_reverts_exactly(default_model, counterfact_records, trained_network, tmp_path):
     model, tok = default_model
     network = MENDNetwork.load(trained_network.network)
     assert network.metadata["trained"]["steps"] == 30
@@ -73,9 +73,22 @@ def test_trained_network_rewrites_a_fact_and_reverts_exactly(default_model, coun
     deltas = edit_model(model, tok, [record], trained_network, algorithm="MEND")
     try:
         assert sorted(deltas.deltas) == [f"model.layers.{layer}.mlp.down_proj.weight" for layer in trained_network.layers]
-        assert _margin(model, tok, record) > 0
+        trained_margin = _margin(model, tok, record)
+        assert trained_margin > 0
     finally:
         deltas.revert(model)
+    _assert_same(model, before)
+
+    # The same network with its learned low-rank maps zeroed (as before training) edits less.
+    for transform in network.transforms:
+        torch.nn.init.zeros_(transform.up.weight)
+        torch.nn.init.zeros_(transform.up.bias)
+    network.save(tmp_path / "untrained")
+    untrained = edit_model(model, tok, [record], dataclasses.replace(trained_network, network=str(tmp_path / "untrained")), algorithm="MEND")
+    try:
+        assert _margin(model, tok, record) < trained_margin
+    finally:
+        untrained.revert(model)
     _assert_same(model, before)
 
 

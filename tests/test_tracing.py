@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from memit.cli import main
+from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.tracing import TraceConfig, load_knowns, noise_level, summarize_traces, trace_dataset, trace_prompt
 from memit.tracing.causal_trace import Trace, answer_probs, corrupted_subject, restored_layers, restoring, state_names, subject_range
@@ -103,7 +104,7 @@ def test_nothing_restored_gives_the_corrupted_probability_by_hand(tiny):
         fast = trace_prompt(model, tok, layout, PROMPT, SUBJECT, kind, noise, samples=4, seed=3, window=2)
         full = trace_prompt(model, tok, layout, PROMPT, SUBJECT, kind, noise, samples=4, seed=3, window=2, replay_lower_layers=False)
         assert torch.allclose(torch.tensor(fast.scores), torch.tensor(full.scores), atol=1e-5), kind
-    with pytest.raises(Exception, match="kind"):
+    with pytest.raises(InputError, match="kind"):
         trace_prompt(model, tok, layout, PROMPT, SUBJECT, "embedding", noise)
 
 
@@ -135,7 +136,7 @@ def test_dataset_traces_resume_average_and_plot(tiny, tmp_path):
     files[0].unlink()
     trace_dataset(model, tok, knowns, out, config)  # continued: only the missing trace is computed
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items() if f != files[0]) and files[0].is_file()
-    with pytest.raises(Exception, match="other parameters"):
+    with pytest.raises(InputError, match="other parameters"):
         trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden",), samples=3))
     trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden", "mlp"), samples=3, window=2, limit=1))  # fewer facts: fine
 
@@ -162,7 +163,7 @@ def test_position_rows_cover_every_token():
 def test_bad_knowns_file_names_the_field(tmp_path):
     path = tmp_path / "k.json"
     path.write_text(json.dumps([{"known_id": 0, "subject": "A", "prompt": "B is", "attribute": "c"}]))
-    with pytest.raises(Exception, match="record 0: field 'prompt' does not contain the subject"):
+    with pytest.raises(InputError, match="record 0: field 'prompt' does not contain the subject"):
         load_knowns(path)
 
 

@@ -143,9 +143,13 @@ def test_cli_tune_traces_then_writes_a_preset_that_edits(tiny, base, tmp_path):
 
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}]))
+    report = tmp_path / "report.json"
     edited = CliRunner().invoke(main, ["edit", "--model", str(folder), "--hparams", str(out), "--requests", str(requests),
-                                       "--stats-dir", str(tmp_path / "stats")])
+                                       "--stats-dir", str(tmp_path / "stats"), "--report", str(report)])
     assert edited.exit_code == 0, edited.output
+    (entry,) = json.loads(report.read_text())
+    # The tuned preset's edit makes the new target at least ten times as likely as before.
+    assert entry["post"]["target_new_prob"] > 10 * entry["pre"]["target_new_prob"]
 
     bad = CliRunner().invoke(main, [*args[:-2], "--lambdas", "1,x", "--out", str(out)])
     assert bad.exit_code != 0 and "lambdas" in bad.output

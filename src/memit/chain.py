@@ -114,6 +114,7 @@ class EditChain:
 
     @property
     def algorithm(self) -> str:
+        """The editing method every batch of the chain is made with (``"MEMIT"``, ...)."""
         return self.editor.name
 
     def batch(self, index: int) -> WeightDeltas:

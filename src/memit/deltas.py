@@ -51,6 +51,7 @@ class WeightDeltas:
 
     @property
     def applied(self) -> bool:
+        """Whether these deltas are applied to a model (and so can be reverted)."""
         return bool(self._originals)
 
     def apply(self, model: nn.Module, force: bool = False) -> "WeightDeltas":
@@ -94,6 +95,7 @@ class WeightDeltas:
         return self
 
     def original_weights(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the weight as it was before :meth:`apply` (empty when not applied)."""
         return dict(self._originals)
 
     def to_peft(self, out_dir: str | Path, model: nn.Module | None = None, rank: int | None = None,
@@ -114,6 +116,9 @@ class WeightDeltas:
         return export(self, out_dir, format, model=model, tok=tok, base=base, rank=rank, energy=energy, edited_type=edited_type)
 
     def save(self, directory: str | Path) -> None:
+        """Write ``deltas.safetensors`` (with its SHA-256 in the manifest), the preserved keys
+        where there are any, and ``edit_config.json`` (requests, hyperparameters, the model's
+        fingerprint) into ``directory``, each file atomically and the manifest last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         files = {WEIGHTS_FILE: self.deltas, **({STATE_FILE: self.state} if self.state else {})}

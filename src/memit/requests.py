@@ -29,6 +29,7 @@ class EditRequest:
     case_id: int | str | None = None
 
     def filled_prompt(self) -> str:
+        """The prompt with the subject in place of ``{}``."""
         return self.prompt.replace("{}", self.subject)
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,8 +116,9 @@ def test_a_run_evaluates_the_registered_data_set(qa, qa_file, tiny_model, tokeni
     assert [r["case_id"] for r in records] == [0, 1, 2]
     for record in records:
         for phase in ("pre", "post"):
-            assert record[phase]["efficacy_success"] in (0.0, 1.0)
-            assert set(record[phase]["qa_nll"]) == {"new", "true"}
+            nll = record[phase]["qa_nll"]
+            assert set(nll) == {"new", "true"}
+            assert record[phase]["efficacy_success"] == float(nll["true"] > nll["new"])
             assert "fluency" not in record[phase]
     assert records[1]["requested_rewrite"]["target_new"] == {"str": " piano"}
     assert json.loads((run_dir / "params.json").read_text())["config"]["dataset"] == "qa"

@@ -67,6 +67,7 @@ class EditTask:
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
+        """Adds the seconds spent inside the ``with`` block to ``timings[phase]``."""
         start = time.perf_counter()
         try:
             yield
@@ -105,6 +106,8 @@ class Editor(ABC):
         return self._corpus
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
+        """Where ``model``'s layers and MLP output projections are (the hyperparameters' module
+        names where they give them); raises ``InputError`` for edit layers the model lacks."""
         hp = self.hparams
         layout = ModelLayout.from_model(model, getattr(hp, "layer_module_tmp", None), getattr(hp, "rewrite_module_tmp", None))
         layout.check_layers(getattr(hp, "layers", []))

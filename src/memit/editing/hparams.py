@@ -137,6 +137,7 @@ class ZOptimizationParams(HyperParams):
     layer_module_tmp: str | None = None
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
         self.check_layers()
         if self.fact_token != "subject_last":
@@ -178,6 +179,7 @@ class CovarianceParams(HyperParams):
     mom2_max_tokens: int | None = None
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
         self.check_positive("mom2_n_samples")
         if self.mom2_dtype not in STATS_DTYPES:

@@ -21,6 +21,8 @@ METHODS: dict[str, type[Editor]] = {
 
 
 def get_editor_class(name: str) -> type[Editor]:
+    """The ``Editor`` subclass of method ``name`` (``"MEMIT"``, ``"ROME"``, ``"FT"``, ``"FT-L"``,
+    ``"AlphaEdit"``, ``"MEND"``); raises ``HyperParamsError`` for an unknown name."""
     if name not in METHODS:
         raise HyperParamsError(f"alg: unknown editing method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]

@@ -184,6 +184,9 @@ def with_derived_metrics(record: dict[str, Any], any_groups: frozenset[str] = fr
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
+    """The means of every metric over the finished cases of a run folder (``run_dir`` from
+    :func:`run_evaluation`), before and after the edit; raises ``MissingFileError`` when
+    ``run_dir`` is not a run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
         raise MissingFileError(f"run: {run_dir} has no {PARAMS_FILE}; is it a run folder?")

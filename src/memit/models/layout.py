@@ -55,21 +55,27 @@ class ModelLayout:
         return cls(layer_tmp, mlp_out_tmp, len(layers), isinstance(out, Conv1D))
 
     def layer_name(self, layer: int) -> str:
+        """The module name of transformer block ``layer`` (``model.layers.5``)."""
         return self.layer_tmp.format(layer)
 
     def mlp_out_name(self, layer: int) -> str:
+        """The module name of block ``layer``'s MLP output projection, the matrix MEMIT edits."""
         return self.mlp_out_tmp.format(layer)
 
     def weight_name(self, layer: int) -> str:
+        """The parameter name of that projection's weight, as deltas are keyed."""
         return self.mlp_out_name(layer) + ".weight"
 
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Module:
+        """Block ``layer``'s MLP output projection module of ``model``."""
         return model.get_submodule(self.mlp_out_name(layer))
 
     def layer(self, model: nn.Module, layer: int) -> nn.Module:
+        """Transformer block ``layer`` of ``model``."""
         return model.get_submodule(self.layer_name(layer))
 
     def check_layers(self, layers: list[int], field: str = "layers") -> None:
+        """Raises ``InputError`` naming ``field`` if a layer index is outside the model."""
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise InputError(f"{field}: layer(s) {bad} outside this model's 0..{self.num_layers - 1}")

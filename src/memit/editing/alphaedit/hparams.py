@@ -18,6 +18,7 @@ class AlphaEditHyperParams(SequentialParams, CovarianceParams, ZOptimizationPara
     L2: float = 10.0
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
         if self.nullspace_threshold <= 0:
             raise HyperParamsError("hyperparameter 'nullspace_threshold' must be positive")

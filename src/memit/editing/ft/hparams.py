@@ -27,6 +27,7 @@ class FTHyperParams(HyperParams):
     layer_module_tmp: str | None = None
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         self.check_layers()
         self.check_positive("num_steps", "lr", "batch_size")
         if self.weight_decay < 0:
@@ -51,6 +52,7 @@ class FTLHyperParams(FTHyperParams):
     algorithm = "FT-L"
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
         if self.norm_constraint is None:
             raise HyperParamsError("hyperparameter 'norm_constraint' is required for FT-L (use FT for unbounded fine-tuning)")

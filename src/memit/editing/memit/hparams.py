@@ -20,6 +20,7 @@ class MEMITHyperParams(SequentialParams, CovarianceParams, ZOptimizationParams):
     norm_constraint: float = 0.0
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
         for name in ("mom2_update_weight", "preserve_weight", "norm_constraint"):
             if getattr(self, name) < 0:

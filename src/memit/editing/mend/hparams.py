@@ -33,5 +33,6 @@ class MENDHyperParams(HyperParams):
     layer_module_tmp: str | None = None
 
     def validate(self) -> None:
+        """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         self.check_layers()
         self.check_positive("rank", "edit_lr", "meta_lr", "lr_lr", "train_steps", "train_batch_size", "edit_loss_weight")
