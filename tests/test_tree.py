@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 1_000_000
 # Data the package needs at run time: the Wikipedia sample the presets' key statistics use.
 LARGE_FILES_ALLOWED = {"src/memit/data/wikipedia_en_2015_sample2000.jsonl.gz"}
-LINTED = ["src", "tests", "benchmarks", "scripts"]
+LINTED = ["src", "tests", "benchmarks", "scripts", "experiments"]
 
 
 def _tracked_files() -> list[str]:

@@ -1,7 +1,7 @@
 """Paired comparison of two CounterFact runs on the same cases: the Score difference with a
 95% bootstrap interval over cases, and per metric how many cases got better or worse.
 
-    python scripts/paired_bootstrap.py RUN_A RUN_B [--resamples 2000] [--seed 0]
+    python experiments/paired_bootstrap.py RUN_A RUN_B [--resamples 2000] [--seed 0]
 """
 from __future__ import annotations
 

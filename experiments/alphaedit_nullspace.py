@@ -9,7 +9,7 @@ edit (keys of the first CASES requests of a data file, on the unedited model):
                keys, which the preserved knowledge sees
 for MEMIT's solve (its preset's λ) and AlphaEdit's for each threshold and ridge.
 
-    python scripts/alphaedit_nullspace.py [--model default] [--data-file F] [--cases 100] \
+    python experiments/alphaedit_nullspace.py [--model default] [--data-file F] [--cases 100] \
         [--thresholds 0.01,0.02] [--ridges 1,10]
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper-scale tables and plots from the run folders of ``scripts/paper_experiments.sh``: per part
+"""The paper-scale tables and plots from the run folders of ``experiments/paper_scale.sh``: per part
 (scaling, sequential) the comparison table, the hours each run took and its plot; for the
 scaling curve, the update's size, what the solves left unwritten and what the target-vector
 cache saved; for the sequential runs, success by the edits' age.
@@ -7,7 +7,7 @@ Each finished run's summary is kept in ``--archive`` (committed with the docs), 
 plots still hold the runs whose folders are not under ``--results``; a run folder that is
 there replaces its archived summary.
 
-    python scripts/paper_report.py [--results results] [--figures docs/evaluation] [--archive docs/evaluation/paper_runs.json]
+    python experiments/paper_scale_report.py [--results results] [--figures docs/evaluation] [--archive docs/evaluation/paper_runs.json]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "sequential, ROME's bfloat16 edit chain": "rome_chain",
          "lifelong, MEMIT's sequential preset": "memit_sequential",
          "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers"}
-TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_experiments.sh sets it
+TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
 

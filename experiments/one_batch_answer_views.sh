@@ -4,7 +4,7 @@
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   [ALGS="MEMIT ROME"] [HPARAMS=preset] bash scripts/answer_views.sh [OUT]   (default results/answer_views)
+#   [ALGS="MEMIT ROME"] [HPARAMS=preset] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
 # HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset.
 set -euo pipefail
 cd "$(dirname "$0")/.."

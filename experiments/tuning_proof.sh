@@ -3,7 +3,7 @@
 # default model's preset transferred as is and against the paper's GPT-J preset with its layers
 # mapped by relative depth; 100 CounterFact cases of counterfact_subset400.json in one batch.
 # Resumable: a run folder that exists is continued, and target vectors are cached per request.
-#   bash scripts/tune_proof.sh [naive|gptj|tuned ...]   (default: all three)
+#   bash experiments/tuning_proof.sh [naive|gptj|tuned ...]   (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=qwen2.5-coder-0.5b-instruct

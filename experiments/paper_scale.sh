@@ -2,7 +2,7 @@
 # Paper-scale experiments on the default model, cases from MEND's counterfact-edit.json:
 #   scaling  MEMIT and AlphaEdit, one batch of 1 .. 10,000 edits (target vectors cached per
 #            request in the curve's own folder, so each case's z is computed once for the whole
-#            curve and both methods, and scripts/paper_report.py reads what they cost);
+#            curve and both methods, and experiments/paper_scale_report.py reads what they cost);
 #            fluency on every 10th case; target vectors and statistics under bfloat16 autocast
 #            (--bf16: half the time of float32 on this CPU's bfloat16 units; solves in float64,
 #            scoring in float32);
@@ -24,7 +24,7 @@
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
-#   NPROC=2 nohup bash scripts/paper_experiments.sh [scaling] [sequential] [rome-bf16] [lifelong] > results/paper.log 2>&1 &
+#   NPROC=2 nohup bash experiments/paper_scale.sh [scaling] [sequential] [rome-bf16] [lifelong] > results/paper.log 2>&1 &
 # NPROC > 1 runs each command under torchrun, one process (and thread) per core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
