@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from memit import WeightDeltas, edit_model, load_model
+from memit.chain import load_edits
 from memit.errors import InputError
-from memit.export.edits import load_edits
 from memit.models.loading import _packaged_default_gguf, model_fingerprint
 from memit.predict import top_next_tokens
 

@@ -12,8 +12,7 @@ from memit import MEMITHyperParams, edit_model
 from memit.editing.context import get_context_templates
 from memit.editing.hparams import HyperParamsError
 from memit.editing.targets import _build_problem
-from memit.evaluation.datasets.counterfact import parse_counterfact
-from memit.evaluation.metrics_counterfact import score_case, success
+from memit.evaluation.datasets.counterfact import parse_counterfact, score_case, success
 from memit.prompt_format import prompt_format
 from memit.requests import parse_requests
 

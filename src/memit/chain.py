@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import WeightDeltas
+from memit.deltas import CONFIG_FILE, WeightDeltas
 from memit.editing.base import EditOptions, Editor
 from memit.editing.hparams import HyperParams
 from memit.editing.methods import get_editor_class, resolve_hparams
@@ -202,3 +202,43 @@ class EditChain:
             "unedited_weights": self.unedited_fingerprint,
             "batches": [entry for entry in self._batches if isinstance(entry, str)],
         })
+
+
+def load_edits(directory: str | Path) -> WeightDeltas:
+    """The deltas saved in ``directory`` (checked against their checksum), or, for a chain
+    folder, one :class:`WeightDeltas` holding the sum of its batches and all their requests."""
+    directory = Path(directory)
+    if (directory / CHAIN_FILE).is_file():
+        return chain_total(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return WeightDeltas.load(directory)
+    raise MissingFileError(f"edits: {directory} holds neither saved deltas ({CONFIG_FILE}) nor an edit chain ({CHAIN_FILE})")
+
+
+def chain_total(directory: Path) -> WeightDeltas:
+    """A chain's batches summed: each weight's total change from the model the chain started on."""
+    manifest = read_json(directory / CHAIN_FILE, what="chain manifest")
+    if not isinstance(manifest, dict):
+        raise InputError(f"chain manifest {directory / CHAIN_FILE}: expected a JSON object")
+    batches = manifest.get("batches") or []
+    if not batches:
+        raise InputError(f"chain: {directory} has no batches; there is nothing to export")
+    total: dict[str, torch.Tensor] = {}
+    requests: list = []
+    dtypes: dict[str, torch.dtype] = {}
+    for name in batches:
+        batch = WeightDeltas.load(directory / name)
+        for param, delta in batch.deltas.items():
+            # Summed in float64 so that the order of batches does not round the total.
+            total[param] = total[param] + delta.double() if param in total else delta.double()
+        requests += batch.manifest.get("requests") or []
+        dtypes.update({param: delta.dtype for param, delta in batch.deltas.items()})
+    summed = {param: delta.to(dtypes.get(param, torch.float32)) for param, delta in total.items()}
+    log.info("Chain %s: %d batches, %d requests, %d edited weights", directory, len(batches), len(requests), len(summed))
+    return WeightDeltas(summed, {
+        "algorithm": manifest.get("algorithm"),
+        "hparams": manifest.get("hparams", {}),
+        "requests": requests,
+        "model_fingerprint": manifest.get("model_fingerprint"),
+        "chain": {"directory": str(directory), "batches": list(batches)},
+    })

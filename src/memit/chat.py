@@ -224,7 +224,7 @@ class ChatSession:
                 return f"The chain in {directory} saves every edit as it is made ({len(self.chain)} batch(es))"
             if not len(self.chain):
                 raise InputError("save: there are no edits to save")
-            from memit.export.edits import chain_total
+            from memit.chain import chain_total
 
             total = chain_total(self.chain.directory)
             with atomic_dir(directory) as folder:

@@ -23,8 +23,8 @@ from memit.evaluation.answers import (
     sentence_end,
 )
 from memit.evaluation.datasets import DatasetError, parse_records
-from memit.evaluation.metrics_counterfact import counterfact_probes, evaluate_counterfact_case
-from memit.evaluation.metrics_zsre import evaluate_zsre_case
+from memit.evaluation.datasets.counterfact import counterfact_probes, evaluate_counterfact_case
+from memit.evaluation.datasets.zsre import evaluate_zsre_case
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.evaluation.summary import format_comparison, summarize_run
 from memit.predict import score_continuations

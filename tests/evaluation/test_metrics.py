@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from memit.evaluation.datasets import parse_records
+from memit.evaluation.datasets.counterfact import evaluate_counterfact_case
+from memit.evaluation.datasets.zsre import evaluate_zsre_case
 from memit.evaluation.generation import (
     consistency,
     fluency,
@@ -20,8 +22,6 @@ from memit.evaluation.generation import (
     paper_tfidf,
     text_fluency,
 )
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
-from memit.evaluation.metrics_zsre import evaluate_zsre_case
 from memit.evaluation.runner import (
     GENERATION_BATCH,
     MAX_CASES_PER_TEXT_CHUNK,
@@ -211,7 +211,7 @@ def test_cases_generated_together_match_one_at_a_time(tiny_model, tokenizer, cf_
 
 def test_cases_scored_in_shared_batches_equal_one_case_at_a_time(default_model, counterfact_records):
     from memit.evaluation.datasets import parse_records
-    from memit.evaluation.metrics_counterfact import counterfact_pairs, evaluate_counterfact_case
+    from memit.evaluation.datasets.counterfact import counterfact_pairs, evaluate_counterfact_case
     from memit.predict import prefetched_scores, score_continuations
 
     model, tok = default_model

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from memit.evaluation.datasets import DATASETS, DatasetError, MquakeCase, detect_schema, load_cases, parse_records, training_examples
+from memit.evaluation.datasets.mquake import evaluate_mquake_case, mquake_probes
 from memit.evaluation.download import download, git_blob_of, remote_files, remote_url
-from memit.evaluation.metrics_mquake import evaluate_mquake_case, mquake_probes
 from memit.evaluation.runner import RunConfig, run_evaluation
 from memit.predict import score_continuations
 

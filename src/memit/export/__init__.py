@@ -6,8 +6,8 @@ every method. Each writes its output folder atomically: an export that fails (ba
 type that cannot be written) leaves no partial folder behind.
 
 This package does not import :mod:`memit.deltas` (which calls into it); it takes any object
-with the :class:`~memit.deltas.WeightDeltas` interface. :mod:`memit.export.edits` reads a saved
-deltas folder or an edit chain into one.
+with the :class:`~memit.deltas.WeightDeltas` interface. :func:`memit.chain.load_edits` reads a
+saved deltas folder or an edit chain into one.
 """
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ from memit.errors import InputError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from memit.deltas import WeightDeltas
-
 FORMATS = ("peft", "hf", "gguf")
 REPORT_FILE = "export_report.json"
 
 
 def export(
-    deltas: "WeightDeltas",
+    deltas: Any,
     out_dir: str | Path,
     format: str,
     model: "PreTrainedModel | None" = None,
@@ -36,7 +34,7 @@ def export(
     energy: float | None = None,
     edited_type: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``deltas`` to ``out_dir`` in ``format`` (``peft``, ``hf`` or ``gguf``) and return
+    """Write ``deltas`` (a :class:`~memit.deltas.WeightDeltas`) to ``out_dir`` in ``format`` (``peft``, ``hf`` or ``gguf``) and return
     the export report (also written as ``export_report.json`` for peft and gguf).
 
     ``model``: the model the deltas were made for, unedited or with these deltas applied (as

@@ -18,8 +18,8 @@ from memit.cli_options import model_options
 @model_options
 def export(edits_dir, fmt, out_dir, model_name, rank, energy, base, edited_type, load):
     """Write the edits in EDITS_DIR (saved deltas or an edit chain) where models are served."""
+    from memit.chain import load_edits
     from memit.export import export as write
-    from memit.export.edits import load_edits
 
     if fmt != "peft" and (rank is not None or energy is not None):
         raise click.BadParameter("truncation applies to --format peft", param_hint="--rank/--energy")

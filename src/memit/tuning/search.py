@@ -42,7 +42,7 @@ from memit.editing.memit.main import solve_update
 from memit.editing.targets import compute_targets
 from memit.errors import InputError
 from memit.evaluation.datasets import CounterFactCase
-from memit.evaluation.metrics_counterfact import GROUPS, score_case, summarize_case
+from memit.evaluation.datasets.counterfact import GROUPS, score_case, summarize_case
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
 from memit.stats import Corpus, SecondMomentCache

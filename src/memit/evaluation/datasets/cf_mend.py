@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from memit.evaluation.datasets.base import DatasetSpec
-from memit.evaluation.datasets.counterfact import CounterFactCase, counterfact_training_example
+from memit.evaluation.datasets.counterfact import (
+    CounterFactCase,
+    counterfact_pairs,
+    counterfact_probes,
+    counterfact_training_example,
+    evaluate_counterfact_case,
+)
 from memit.evaluation.datasets.fields import get_field, get_request, subject_template
-from memit.evaluation.metrics_counterfact import counterfact_pairs, counterfact_probes, evaluate_counterfact_case
 
 
 def parse_cf_mend(record: Any, index: int) -> CounterFactCase:
