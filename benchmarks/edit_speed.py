@@ -31,7 +31,7 @@ from memit import EditOptions, MEMITHyperParams, ModelLayout, edit_model, load_m
 from memit.editing.context import get_context_templates
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import CounterFactCase, load_cases
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.evaluation.datasets.counterfact import evaluate_counterfact_case
 from memit.stats import SecondMomentCache, collect_second_moments, load_corpus
 
 log = logging.getLogger("edit_speed")

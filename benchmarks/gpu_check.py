@@ -27,7 +27,7 @@ import torch
 from memit import ModelLayout, edit_model, load_model
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import load_cases
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.evaluation.datasets.counterfact import evaluate_counterfact_case
 from memit.stats import SecondMomentCache, collect_second_moments, load_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import torch
 from memit import edit_model, load_model
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import CounterFactCase, load_cases
-from memit.evaluation.metrics_counterfact import evaluate_counterfact_case
+from memit.evaluation.datasets.counterfact import evaluate_counterfact_case
 from memit.prompt_format import prompt_format
 
 REPO = Path(__file__).resolve().parents[1]
