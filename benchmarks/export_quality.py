@@ -41,7 +41,9 @@ import torch
 from memit import EditOptions, WeightDeltas, edit_model, load_model
 from memit.editing.target_cache import default_target_cache
 from memit.evaluation.datasets import load_cases
-from memit.evaluation.runner import Scoring, batch_requests, editable_cases, evaluate_cases
+from memit.evaluation.edit_cache import batch_requests
+from memit.evaluation.runner import editable_cases
+from memit.evaluation.scoring import Scoring, evaluate_cases
 from memit.export.peft import lora_factors, module_layouts
 from memit.models.loading import _packaged_default_gguf
 from memit.predict import score_continuations

@@ -22,7 +22,7 @@ import torch
 
 from memit import load_model
 from memit.evaluation.datasets import load_cases
-from memit.evaluation.runner import CASES_PER_CHUNK, GenerationResources, Scoring, _generated_texts, _groups, _text_chunks
+from memit.evaluation.scoring import CASES_PER_CHUNK, GenerationResources, Scoring, _generated_texts, _text_chunks, in_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -41,7 +41,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     cases = load_cases(None, args.data_file, limit=args.cases)[2]
     scoring = Scoring(generation=GenerationResources(), generation_cases=frozenset(c.case_id for c in cases[:: args.interval]))
-    chunkings = {"reference": _groups(cases, CASES_PER_CHUNK), "memit": list(_text_chunks(cases, scoring, None))}
+    chunkings = {"reference": in_groups(cases, CASES_PER_CHUNK), "memit": list(_text_chunks(cases, scoring, None))}
     timings, texts = {}, {}
     for name, chunks in chunkings.items():
         start = time.perf_counter()

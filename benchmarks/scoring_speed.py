@@ -24,7 +24,7 @@ import torch
 from memit import load_model
 from memit.evaluation.datasets import load_cases
 from memit.evaluation.datasets.counterfact import counterfact_pairs
-from memit.evaluation.runner import CASES_PER_CHUNK
+from memit.evaluation.scoring import CASES_PER_CHUNK
 from memit.predict import prefetched_scores, score_continuations
 from memit.utils.devices import device_label
 

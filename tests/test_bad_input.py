@@ -112,7 +112,8 @@ def test_every_hostile_id_becomes_one_distinct_component_inside_its_folder(tmp_p
 
 def test_runner_and_tracing_paths_from_hostile_ids_stay_in_their_folders(tmp_path):
     from memit.evaluation.datasets.counterfact import CounterFactCase
-    from memit.evaluation.runner import _deltas_dir, case_file, run_root
+    from memit.evaluation.edit_cache import deltas_dir
+    from memit.evaluation.run_folders import case_file, run_root
     from memit.tracing.run import Known, trace_file
 
     run_dir = tmp_path / "out" / "MEMIT" / "run_000"
@@ -120,7 +121,7 @@ def test_runner_and_tracing_paths_from_hostile_ids_stay_in_their_folders(tmp_pat
         case = CounterFactCase.__new__(CounterFactCase)
         object.__setattr__(case, "case_id", value)
         assert case_file(run_dir, case).parent == run_dir
-        assert _deltas_dir(run_dir, [case]).parent == run_dir / ".deltas"
+        assert deltas_dir(run_dir, [case]).parent == run_dir / ".deltas"
         assert trace_file(tmp_path, Known(value, "s", "{} p", "a"), "mlp").parent == tmp_path / "traces"
         assert run_root(tmp_path, value).parent == tmp_path
 
@@ -156,7 +157,7 @@ def test_an_evaluation_of_cases_with_hostile_ids_writes_only_inside_its_run(defa
 def test_evaluations_started_at_once_get_their_own_run_folders(tmp_path):
     from concurrent.futures import ProcessPoolExecutor
 
-    from memit.evaluation.runner import new_run_dir
+    from memit.evaluation.run_folders import new_run_dir
 
     with ProcessPoolExecutor(4) as pool:
         folders = list(pool.map(new_run_dir, [tmp_path] * 8, ["MEMIT"] * 8))

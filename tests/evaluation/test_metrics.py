@@ -22,7 +22,7 @@ from memit.evaluation.generation import (
     paper_tfidf,
     text_fluency,
 )
-from memit.evaluation.runner import (
+from memit.evaluation.scoring import (
     GENERATION_BATCH,
     MAX_CASES_PER_TEXT_CHUNK,
     GenerationResources,

@@ -269,7 +269,7 @@ def test_update_size_is_the_norm_of_the_summed_change():
     """Sequential batches that cancel out leave no update: the norm is of the total change,
     not a sum of the batches' norms."""
     from memit.deltas import WeightDeltas
-    from memit.evaluation.runner import update_size
+    from memit.evaluation.edit_cache import update_size
 
     layer = torch.nn.Linear(4, 3, bias=False)
     torch.nn.init.constant_(layer.weight, 2.0)

@@ -175,7 +175,8 @@ def targets(alg, model_name, data_file, limit, hparams, load, **edit_opts):
     from memit.editing.common import context_templates, layer_targets
     from memit.editing.methods import get_editor_class, resolve_hparams
     from memit.evaluation.datasets import load_cases
-    from memit.evaluation.runner import batch_requests, editable_cases
+    from memit.evaluation.edit_cache import batch_requests
+    from memit.evaluation.runner import editable_cases
     from memit.models import load_model
     from memit.utils.distributed import is_main
 

@@ -10,7 +10,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.base import EditOptions
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import DEFAULT_DATASET, data_dir, default_data_file
-from memit.evaluation.runner import RUN_IDENTITY, RunConfig, hparams_json, list_runs, run_evaluation
+from memit.evaluation.run_folders import RUN_IDENTITY, RunConfig, hparams_json, list_runs
+from memit.evaluation.runner import run_evaluation
 from memit.evaluation.summary import RunSummary, summarize_run
 from memit.utils.io import atomic_path, read_json
 from memit.utils.progress import progress

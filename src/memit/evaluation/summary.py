@@ -13,7 +13,7 @@ from typing import Any
 from memit.errors import InputError, MissingFileError
 from memit.evaluation.answers import JudgedAnswer, answer_metrics, first_said, mentions, unchanged_share
 from memit.evaluation.datasets import DATASETS
-from memit.evaluation.runner import PARAMS_FILE
+from memit.evaluation.run_folders import PARAMS_FILE
 from memit.utils.io import read_json
 
 log = logging.getLogger(__name__)
