@@ -39,7 +39,7 @@ def test_fast_targets_equal_plain(setup):
     fast = _targets(setup, requests, batch_size=len(requests), fast=True)
     assert plain.delta.abs().max() > 0.1  # the optimisation moved
     torch.testing.assert_close(fast.init, plain.init, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(fast.delta, plain.delta, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(fast.delta, plain.delta, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.final_loss, plain.final_loss, atol=1e-3, rtol=1e-3)
 
 
@@ -48,7 +48,7 @@ def test_batch_equals_each_alone(setup):
     together = _targets(setup, requests, batch_size=len(requests), fast=True)
     for i, request in enumerate(requests):
         alone = _targets(setup, [request], batch_size=1, fast=True)
-        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=1e-4, rtol=1e-4)
 
 
 def test_results_keep_request_order_when_batches_are_sorted_by_length(setup, counterfact_records):
@@ -57,7 +57,7 @@ def test_results_keep_request_order_when_batches_are_sorted_by_length(setup, cou
     for i, request in enumerate(requests):
         alone = _targets(setup, [request], batch_size=1, fast=True)
         torch.testing.assert_close(batched.init[i : i + 1], alone.init, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(batched.delta[i : i + 1], alone.delta, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(batched.delta[i : i + 1], alone.delta, atol=1e-4, rtol=1e-4)
 
 
 def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(setup, monkeypatch):
@@ -73,7 +73,7 @@ def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(se
     together = _targets(setup, requests, batch_size=len(requests), fast=True)
     plain = _targets(setup, requests, batch_size=1, fast=False)
     assert together.delta[stopped].abs().max() == 0 and together.delta[1 - stopped].abs().max() > 0.1
-    torch.testing.assert_close(together.delta, plain.delta, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(together.delta, plain.delta, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(together.final_loss, plain.final_loss, atol=1e-3, rtol=1e-3)
 
 
