@@ -27,7 +27,7 @@ def edit_model(
     earlier: Sequence[WeightDeltas] = (),
     **option_overrides: Any,
 ) -> WeightDeltas:
-    """Edit ``model`` in place and return the applied :class:`WeightDeltas` (``.revert(model)``
+    """Edit ``model`` in place and return the applied `WeightDeltas` (``.revert(model)``
     undoes the edit exactly; ``.save(dir)`` keeps it). ``hparams`` is an object, a dict, a
     JSON file, a preset name, or None for the preset of the model's name. ``earlier``: the
     edits already applied to ``model``, oldest first, which AlphaEdit preserves."""

@@ -8,7 +8,7 @@ edits). Neither grows with the number of batches; each batch's deltas and keys l
 folder on disk (or in memory for a chain without a folder).
 
 Saved as a folder: ``chain.json`` (method, hyperparameters, the unedited weights'
-fingerprint, the batches in order) and one :class:`WeightDeltas` folder per batch.
+fingerprint, the batches in order) and one `WeightDeltas` folder per batch.
 ``chain.json`` is written after its batch's folder is complete, so an interrupted save leaves
 the chain as it was.
 """
@@ -41,8 +41,8 @@ CHAIN_FILE = "chain.json"
 
 class EditChain:
     """Batches of edits applied to ``model`` one after another. Start one with
-    :meth:`start` or continue a saved one with :meth:`load`; then :meth:`edit` appends a
-    batch and :meth:`revert` takes the last ones back, bit for bit."""
+    `start` or continue a saved one with `load`; then `edit` appends a
+    batch and `revert` takes the last ones back, bit for bit."""
 
     def __init__(
         self,
@@ -206,7 +206,7 @@ class EditChain:
 
 def load_edits(directory: str | Path) -> WeightDeltas:
     """The deltas saved in ``directory`` (checked against their checksum), or, for a chain
-    folder, one :class:`WeightDeltas` holding the sum of its batches and all their requests."""
+    folder, one `WeightDeltas` holding the sum of its batches and all their requests."""
     directory = Path(directory)
     if (directory / CHAIN_FILE).is_file():
         return chain_total(directory)

@@ -1,13 +1,13 @@
 """``memit chat``: a conversation with an (edited) model in its chat template, where facts can
 be edited, undone and saved on the spot.
 
-A :class:`ChatSession` holds the model, its tokenizer, the conversation (user and assistant
+A `ChatSession` holds the model, its tokenizer, the conversation (user and assistant
 turns) and the edits applied to the model: deltas loaded at the start (``--edits``) or an edit
 chain (``--chain``), then the edits made in the chat, newest last. Answers are generated
-greedily and streamed as they are generated. :meth:`ChatSession.compare` answers with the
+greedily and streamed as they are generated. `ChatSession.compare` answers with the
 unedited model: the same weights, the edits taken out for the answer and put back bit for bit
-after it (never a second copy of the model). :func:`chat_loop` is the terminal conversation
-(its commands are in :data:`HELP`).
+after it (never a second copy of the model). `chat_loop` is the terminal conversation
+(its commands are in `HELP`).
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ class ChatSession:
     """A conversation with ``model`` in its chat template, and the edits applied to it.
 
     ``loaded``: deltas already applied to ``model`` before the chat (oldest first); ``chain``:
-    an :class:`memit.chain.EditChain` on ``model`` (its batches applied), which new edits are
-    appended to. Neither is taken back by :meth:`undo`, which reverts only edits made here.
+    an `memit.chain.EditChain` on ``model`` (its batches applied), which new edits are
+    appended to. Neither is taken back by `undo`, which reverts only edits made here.
     """
 
     def __init__(
@@ -105,7 +105,7 @@ class ChatSession:
     def compare(self, text: str, stream_to: IO[str] | None = None) -> str:
         """The unedited model's answer to ``text``, not added to the history. It follows the
         conversation before ``text``: when the history ends with ``text`` and its answer
-        (:meth:`ask` was just called), that exchange is left out. The edits are taken out of
+        (`ask` was just called), that exchange is left out. The edits are taken out of
         the weights for the answer and put back, bit for bit, after it."""
         history = self.history
         if len(history) >= 2 and history[-2] == {"role": "user", "content": text} and history[-1]["role"] == "assistant":
@@ -185,7 +185,7 @@ class ChatSession:
     def edit(self, prompt: str, subject: str, target: str) -> tuple[WeightDeltas, float]:
         """Edit the fact ``prompt`` (``{}`` where ``subject`` goes) -> ``target`` into the model
         on top of its edits; returns the applied deltas and the seconds the edit took. A bad
-        request raises a :class:`RequestError` naming the field, and leaves the model as it was."""
+        request raises a `RequestError` naming the field, and leaves the model as it was."""
         request = chat_request(prompt, subject, target, self.tok)
         start = time.perf_counter()
         with self._reporting_statistics():
@@ -267,7 +267,7 @@ class ChatSession:
 
 
 def chat_request(prompt: str, subject: str, target: str, tok: PreTrainedTokenizerBase | None = None) -> EditRequest:
-    """The request of ``/edit PROMPT SUBJECT TARGET``, checked (a :class:`RequestError` names
+    """The request of ``/edit PROMPT SUBJECT TARGET``, checked (a `RequestError` names
     the field). A prompt that spells the subject out instead of ``{}`` gets ``{}`` in its place."""
     if "{}" not in prompt and subject.strip():
         if prompt.count(subject) != 1:
@@ -284,7 +284,7 @@ def chat_request(prompt: str, subject: str, target: str, tok: PreTrainedTokenize
 
 
 def combined(edits: Sequence[WeightDeltas], model: PreTrainedModel) -> WeightDeltas:
-    """Edits applied one after another as one :class:`WeightDeltas`: the deltas summed (in
+    """Edits applied one after another as one `WeightDeltas`: the deltas summed (in
     float64), the requests in order, the keys kept for later edits joined."""
     from memit.editing.preserved import edit_gram, gram_name, keys_name
     from memit.models.loading import model_fingerprint
@@ -391,7 +391,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out: IO[
 
 def handle_command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:
     """Run one ``/command`` line; False when the chat should end. Mistakes the user can fix
-    (a :class:`MemitError`) are answered with their one-line message."""
+    (a `MemitError`) are answered with their one-line message."""
     try:
         words = shlex.split(line)
     except ValueError as err:  # unbalanced quotes

@@ -14,7 +14,7 @@ from memit.utils.io import atomic_dir, write_json
 
 class _Group(click.Group):
     """Shows what the user can fix (a malformed request, an unknown hyperparameter, a missing
-    file: a :class:`MemitError`) as a one-line error; anything else is a bug and keeps its traceback."""
+    file: a `MemitError`) as a one-line error; anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:

@@ -55,7 +55,7 @@ class WeightDeltas:
         return bool(self._originals)
 
     def apply(self, model: nn.Module, force: bool = False) -> "WeightDeltas":
-        """Add the deltas to ``model``'s weights in place, keeping the originals for :meth:`revert`.
+        """Add the deltas to ``model``'s weights in place, keeping the originals for `revert`.
 
         Deltas made for another model are refused (their fingerprint is in the manifest);
         ``force`` applies them anyway, with a warning."""
@@ -71,7 +71,7 @@ class WeightDeltas:
         return self
 
     def revert(self, model: nn.Module) -> None:
-        """Restore the exact weights the model had before :meth:`apply`; deltas applied later
+        """Restore the exact weights the model had before `apply`; deltas applied later
         to the same weights must be reverted first (newest first)."""
         if not self.applied:
             raise RuntimeError("these deltas are not applied to a model")
@@ -86,8 +86,8 @@ class WeightDeltas:
         self.release()
 
     def release(self) -> "WeightDeltas":
-        """Forget the originals kept for :meth:`revert` (the caller, e.g. an
-        :class:`memit.chain.EditChain`, reverts another way): a long sequence of applied
+        """Forget the originals kept for `revert` (the caller, e.g. an
+        `memit.chain.EditChain`, reverts another way): a long sequence of applied
         edits then holds no copy of the weights per edit."""
         self._originals.clear()
         for stack in _APPLIED.values():
@@ -95,13 +95,13 @@ class WeightDeltas:
         return self
 
     def original_weights(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> the weight as it was before :meth:`apply` (empty when not applied)."""
+        """Parameter name -> the weight as it was before `apply` (empty when not applied)."""
         return dict(self._originals)
 
     def to_peft(self, out_dir: str | Path, model: nn.Module | None = None, rank: int | None = None,
                 energy: float | None = None, tok: Any = None) -> dict[str, Any]:
         """Write these deltas as a PEFT LoRA adapter (exact rank unless ``rank`` / ``energy``
-        truncates it); returns the export report. See :mod:`memit.export.peft`."""
+        truncates it); returns the export report. See `memit.export.peft`."""
         return self.export(out_dir, "peft", model=model, tok=tok, rank=rank, energy=energy)
 
     def export(self, out_dir: str | Path, format: str, model: nn.Module | None = None, tok: Any = None,
@@ -109,7 +109,7 @@ class WeightDeltas:
                edited_type: str | None = None) -> dict[str, Any]:
         """Write these deltas as ``format``: ``peft`` (a LoRA adapter), ``hf`` (the merged model
         as a Hugging Face folder; needs ``model``) or ``gguf`` (``base`` with the edited tensors
-        replaced; needs ``model``). See :func:`memit.export.export`."""
+        replaced; needs ``model``). See `memit.export.export`."""
         # Imported here: the exporters' dependencies are not needed to edit.
         from memit.export import export
 
@@ -149,7 +149,7 @@ class WeightDeltas:
         return cls(_read_tensors(weights), manifest, state)
 
     def check(self, model: nn.Module, force: bool = False) -> dict[str, nn.Parameter]:
-        """Refuse (with an :class:`InputError`) deltas that cannot all be applied to ``model``:
+        """Refuse (with an `InputError`) deltas that cannot all be applied to ``model``:
         a parameter it lacks, another shape or a non-float dtype, or another model's fingerprint
         unless ``force``. Returns the model's parameters by name."""
         params = self._parameters(model)

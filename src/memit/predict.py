@@ -38,7 +38,7 @@ def prefetched_scores(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
 ) -> Iterator[None]:
     """Score all ``(prompt, continuation)`` pairs now, in shared batches; calls of
-    :func:`score_continuations` inside the block whose pairs are all among them read these
+    `score_continuations` inside the block whose pairs are all among them read these
     scores (the model must not change inside the block)."""
     scores = score_continuations(model, tok, [p for p, _ in pairs], [c for _, c in pairs], batch_size) if pairs else []
     token = _PREFETCHED.set(dict(zip(pairs, scores)))

@@ -43,7 +43,7 @@ class EditRequest:
 
 
 def parse_request(raw: Mapping[str, Any] | EditRequest, index: int = 0) -> EditRequest:
-    """Build an :class:`EditRequest` from the paper's dict (or a CounterFact record)."""
+    """Build an `EditRequest` from the paper's dict (or a CounterFact record)."""
     if isinstance(raw, EditRequest):
         return _checked(raw, index)
     if not isinstance(raw, Mapping):
@@ -110,7 +110,7 @@ def subject_token(tok: PreTrainedTokenizerBase, text_template: str, subject: str
 
     A BPE tokenizer may merge the subject's last characters with what follows it (")" and "?"
     into ")?"), so that no token ends where the subject ends; like the paper's code, the edit
-    is then made at the last token that overlaps the subject. Raises :class:`RequestError`
+    is then made at the last token that overlaps the subject. Raises `RequestError`
     (naming the field) only when no token covers the subject's characters.
     """
     start = text_template.index("{}")
@@ -142,7 +142,7 @@ def _token_after_prefix(tok: PreTrainedTokenizerBase, text: str, end: int) -> Su
 
 
 def subject_token_index(tok: PreTrainedTokenizerBase, text_template: str, subject: str) -> int:
-    """Index of the subject's last token (:func:`subject_token`) in the filled ``text_template``."""
+    """Index of the subject's last token (`subject_token`) in the filled ``text_template``."""
     return subject_token(tok, text_template, subject).index
 
 

@@ -94,7 +94,7 @@ class Editor(ABC):
 
     def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:
         """Tensors that later edits need from this one, computed on the edited model (kept
-        in :attr:`WeightDeltas.state`); none by default."""
+        in `WeightDeltas.state`); none by default."""
         return {}
 
     def corpus(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> Corpus:
@@ -133,7 +133,7 @@ class Editor(ABC):
         preserve: AlphaEdit keeps its update away from their keys, MEMIT with a
         ``preserve_weight`` keeps their keys' outputs in its solve; other methods ignore them.
         ``unedited``: the weights from before the earlier edits, where ``earlier`` does not
-        hold them (an :class:`memit.chain.EditChain` passes its base weights).
+        hold them (an `memit.chain.EditChain` passes its base weights).
         """
         requests = parse_requests(requests)
         warn_merged_subjects(requests, check_tokenization(requests, tok))

@@ -5,7 +5,7 @@ and the weights from before the first edit (targets from the unedited model).
 An edit keeps, per layer, whichever is smaller: its keys (one row per request) while a batch
 has fewer requests than the layer is wide, else their Gram matrix Σ k kᵀ. Only the Gram ever
 enters a solve, so a long sequence can also be carried as one running Gram per layer
-(:class:`memit.chain.EditChain`): its memory does not grow with the number of edits.
+(`memit.chain.EditChain`): its memory does not grow with the number of edits.
 """
 from __future__ import annotations
 

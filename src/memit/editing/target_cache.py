@@ -99,7 +99,7 @@ class TargetCache:
 
 
 def cache_cost(root: str | Path) -> dict[str, tuple[int, float]]:
-    """Per device (:func:`device_label`; ``unrecorded`` for files written before the device
+    """Per device (`device_label`; ``unrecorded`` for files written before the device
     was recorded): how many target vectors a cache folder holds and the seconds their
     computation took (files written before the seconds were recorded count as none)."""
     cost: dict[str, tuple[int, float]] = {}

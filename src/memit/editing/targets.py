@@ -92,7 +92,7 @@ def compute_targets(
     """Optimise a delta added to the output of decoder ``layer`` for every request.
 
     ``cache_dir``: read each request's result from there when cached, and save each batch's
-    results as soon as it is done (:class:`memit.editing.target_cache.TargetCache`). In a
+    results as soon as it is done (`memit.editing.target_cache.TargetCache`). In a
     torch.distributed group the requests are split across the processes and every process
     gets all results.
 
@@ -461,7 +461,7 @@ def _fast_logprobs(
     suffix: _Suffix,
     seq_delta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What :func:`_plain_logprobs` returns, computing only the layers above ``layer`` on the
+    """What `_plain_logprobs` returns, computing only the layers above ``layer`` on the
     suffix tokens; ``seq_delta`` is added to the edit layer's output at the subject token
     (suffix column 0) of each sequence."""
     layer_out = suffix.layer_out

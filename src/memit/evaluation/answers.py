@@ -1,7 +1,7 @@
 """Generation-based metrics: does the model *say* the answer when it must produce it itself?
 
 The paper's metrics are teacher-forced: they compare the probabilities of two given
-continuations. Here the model decodes greedily after a question (a :class:`Probe`), the
+continuations. Here the model decodes greedily after a question (a `Probe`), the
 answer is cut at the first newline or end of sentence, and it is judged three ways after
 normalising case, punctuation, articles and spaces (as SQuAD's exact match does):
 
@@ -156,7 +156,7 @@ def answer_head(generated: str, words: int = HEAD_WORDS) -> str:
 
 
 def unchanged_share(pre: Sequence[dict], post: Sequence[dict], group: str) -> float | None:
-    """Share of ``group``'s questions whose answer head (:func:`answer_head`) is the same
+    """Share of ``group``'s questions whose answer head (`answer_head`) is the same
     after the edit as before; ``pre``/``post`` are a case's ``generated_answers``. For what
     must not change, this does not depend on the model knowing the true answer to begin with
     (whole sentences are too fragile to compare: their tails drift with any change)."""

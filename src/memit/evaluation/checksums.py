@@ -40,7 +40,7 @@ def record_checksum(folder: str | os.PathLike, name: str, sha256: str) -> None:
 
 
 def verify_recorded(path: str | os.PathLike) -> None:
-    """Raise :class:`ChecksumError` if ``path`` no longer has the sha256 recorded for it on
+    """Raise `ChecksumError` if ``path`` no longer has the sha256 recorded for it on
     first download (a file without a record passes): for loaders of unpinned files."""
     path = Path(path)
     expected = recorded_checksums(path.parent).get(path.name)

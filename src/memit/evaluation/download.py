@@ -3,7 +3,7 @@
 Each file is fetched into ``<name>.part`` beside its final name; an interrupted transfer
 is resumed with an HTTP Range request (or restarted if the server ignores it), the checksum
 is checked, and only a verified file is moved to its final name. A checksum mismatch
-deletes the partial file and raises :class:`ChecksumError`.
+deletes the partial file and raises `ChecksumError`.
 
 Every file is checked against a pinned checksum: its sha256 (and size) where known, else
 the git blob id of the commit it is fetched from (MQuAKE). Files whose host publishes no
@@ -140,7 +140,7 @@ def download_file(
     checked). An existing ``dest`` that matches is kept; one that does not is deleted and
     downloaded again. Broken transfers are retried up to ``retries`` times, resuming from the
     partial file; a checksum mismatch after a resumed transfer is retried once from scratch,
-    otherwise raises :class:`ChecksumError` naming the file and leaves no file behind.
+    otherwise raises `ChecksumError` naming the file and leaves no file behind.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Evaluation runs: edit ``num_edits`` cases at a time, score every case before and after,
 and write one JSON per case into ``<out>/<ALG>/run_<NNN>/`` (atomically, so a killed run
 never leaves a half-written case file). A run continued later skips finished cases.
-Run folders are :mod:`memit.evaluation.run_folders`, scoring :mod:`memit.evaluation.scoring`,
-saved edits :mod:`memit.evaluation.edit_cache`."""
+Run folders are `memit.evaluation.run_folders`, scoring `memit.evaluation.scoring`,
+saved edits `memit.evaluation.edit_cache`."""
 from __future__ import annotations
 
 import dataclasses
@@ -90,7 +90,7 @@ def editable_cases(cases: list[Case], tok: PreTrainedTokenizerBase, limit: int |
     target; the paper's MultiCounterFact drops such conflicts, and a batch cannot hold both).
     A subject whose last characters the tokenizer merges with what follows (")?" in
     "(APA-56)?") is kept and edited at that token, as in the paper's code
-    (:func:`merged_subject_case_ids` counts those)."""
+    (`merged_subject_case_ids` counts those)."""
     kept: list[Case] = []
     skipped: list = []
     batch_targets: dict[tuple[str, str], str] = {}

@@ -105,7 +105,7 @@ Series = dict[str, dict[str, tuple[list[int], list[float | None]]]]
 
 def scaling_series(summaries: list[RunSummary]) -> Series:
     """Panel (metric key) -> line (method, or "unedited") -> (edits, values x 100), for the
-    panels of :data:`PANELS` that some run recorded. The unedited line comes from the runs of
+    panels of `PANELS` that some run recorded. The unedited line comes from the runs of
     the method with the most points (the pre-edit scores of their cases)."""
     by_method: dict[str, list[RunSummary]] = {}
     for s in summaries:
@@ -137,7 +137,7 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
 
 def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
     """One panel per metric against the number of edits (log x where they span a decade), a line per method
-    (:func:`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
+    (`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
     import matplotlib
 
     matplotlib.use("Agg")

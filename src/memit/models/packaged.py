@@ -1,6 +1,6 @@
 """Models that ship on PyPI as GGUF files, whole or in chunks across several packages.
 
-``load_model`` takes the names of :data:`PACKAGED_MODELS`. The GGUF is read from the installed
+``load_model`` takes the names of `PACKAGED_MODELS`. The GGUF is read from the installed
 packages (chunks concatenated in part order, then checked against the size and SHA-256 of
 the whole), converted once to a safetensors folder under ``$MEMIT_HOME/models/<name>``, and
 loaded from there afterwards (a folder loads in seconds; dequantizing a GGUF takes longer).

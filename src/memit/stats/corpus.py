@@ -1,9 +1,9 @@
 """Text corpora for key statistics: the Wikipedia sample packaged with memit, local files,
 Hugging Face datasets, or text sampled from the model.
 
-A corpus is resolved once into a :class:`Corpus` whose ``identity`` keys every cache built
+A corpus is resolved once into a `Corpus` whose ``identity`` keys every cache built
 from it (statistics, null-space projectors, the local TF-IDF fit). A corpus the user names
-must load, or resolving it raises :class:`CorpusError` saying why; only the preset's default
+must load, or resolving it raises `CorpusError` saying why; only the preset's default
 falls back, with a warning, to the packaged sample.
 """
 from __future__ import annotations

@@ -265,7 +265,7 @@ class SecondMomentCache:
         autocast: bool = False,
         batch_tokens: int | None = None,
     ) -> dict[int, torch.Tensor]:
-        """``batch_tokens``: tokens per forward pass (default :data:`DEFAULT_BATCH_TOKENS`); it
+        """``batch_tokens``: tokens per forward pass (default `DEFAULT_BATCH_TOKENS`); it
         changes only the memory used, not the statistics, and is not part of the cache key."""
         self.ensure(model, tok, layout, layers, corpus, [n_samples], max_tokens, dtype, autocast, batch_tokens)
         paths = self._paths(model, tok, layout, layers, corpus, n_samples, max_tokens, dtype, autocast)

@@ -152,7 +152,7 @@ def load_traces(out: str | os.PathLike, kind: str) -> list[Trace]:
 
 
 def position_rows(trace: Trace) -> dict[str, list[int]]:
-    """The token indices of each of :data:`POSITIONS` in ``trace`` (some may be empty)."""
+    """The token indices of each of `POSITIONS` in ``trace`` (some may be empty)."""
     first, end = trace.subject_range
     n = len(trace.tokens)
     return {

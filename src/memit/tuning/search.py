@@ -5,13 +5,13 @@ CounterFact metrics of those requests (efficacy, paraphrase, neighborhood), and 
 edit. The stages, each starting from the best setting so far:
 
 1. ``layers``: the candidate edit-layer windows from the causal trace, each with every λ of
-   :attr:`TuneConfig.lambdas`;
+   `TuneConfig.lambdas`;
 2. ``lambda``: λ refined around the best value;
 3. ``z``: the target-vector optimisation's learning rate and step count;
    (in these two refinements a challenger replaces the current setting only when its per-case
    success is higher beyond two standard errors, or equal with a smaller update);
 4. ``samples``: the statistics size, the smallest within noise of the largest whose update
-   stays within :data:`MAX_UPDATE_CHANGE` of the largest's.
+   stays within `MAX_UPDATE_CHANGE` of the largest's.
 
 Target vectors depend only on the last edit layer and the optimisation settings, so each is
 computed once (cached per request in the work folder); λ and the statistics size change only

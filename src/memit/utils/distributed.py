@@ -68,7 +68,7 @@ def shard(items: Sequence[T], heavy: Callable[[T], bool] | None = None) -> list[
 
 
 def unshard(parts: list[list[T]]) -> list[T]:
-    """The inverse of :func:`shard`: the shares of all ranks interleaved back into order."""
+    """The inverse of `shard`: the shares of all ranks interleaved back into order."""
     out: list[T] = []
     longest = max((len(p) for p in parts), default=0)
     for i in range(longest):
@@ -78,7 +78,7 @@ def unshard(parts: list[list[T]]) -> list[T]:
 
 def rows_by_shard(items: Sequence[T], rows_of: Callable[[list[T]], torch.Tensor]) -> torch.Tensor:
     """``rows_of(items)`` (a tensor with one row per item), each process computing the rows of
-    its :func:`shard` and every process getting all of them, in order. Without a group, or with
+    its `shard` and every process getting all of them, in order. Without a group, or with
     fewer items than processes, every process computes all rows itself."""
     if not is_distributed() or len(items) < world_size():
         return rows_of(list(items))

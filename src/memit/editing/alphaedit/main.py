@@ -11,7 +11,7 @@ this model (sequential editing). ΔW = R Kᵀ P (…)⁻ᵀ lies in the null spa
 outputs of keys in C's principal subspace (almost) unchanged.
 
 Each edit keeps its keys on the edited model, as the reference does, in its
-:attr:`WeightDeltas.state` (memit.editing.preserved); an edit made on top of earlier ones gets
+`WeightDeltas.state` (memit.editing.preserved); an edit made on top of earlier ones gets
 them through ``earlier``.
 """
 from __future__ import annotations

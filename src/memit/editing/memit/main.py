@@ -3,7 +3,7 @@
 For editing in sequence, the hyperparameters switch on what keeps earlier edits: their keys
 in the solve (``preserve_weight``), a norm penalty (``norm_constraint``), target vectors from
 the unedited weights (``targets_from_unedited``) and norm anchoring (``norm_anchor``). Every
-edit keeps its keys (:mod:`memit.editing.preserved`), so a later edit can preserve it.
+edit keeps its keys (`memit.editing.preserved`), so a later edit can preserve it.
 """
 from __future__ import annotations
 

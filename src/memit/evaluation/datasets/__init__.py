@@ -1,7 +1,7 @@
 """Evaluation data sets: CounterFact, MultiCounterFact, zsRE, the reduced MEND CounterFact and MQuAKE.
 
-Each data set is one :class:`DatasetSpec` (in its family's module) and one row of
-:data:`DATASETS`. Every loader validates each record and raises :class:`DatasetError` naming
+Each data set is one `DatasetSpec` (in its family's module) and one row of
+`DATASETS`. Every loader validates each record and raises `DatasetError` naming
 the first bad record (its index in the file) and field.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_DATASET = "cf"
 
 
 def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
-    """Add a data set to :data:`DATASETS` (``replace`` to overwrite one of the same name)."""
+    """Add a data set to `DATASETS` (``replace`` to overwrite one of the same name)."""
     if spec.name in DATASETS and not replace:
         raise DatasetError(f"dataset: {spec.name!r} is already registered")
     DATASETS[spec.name] = spec
@@ -38,7 +38,7 @@ def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    """The description of data set ``name``; an unknown name raises :class:`DatasetError`."""
+    """The description of data set ``name``; an unknown name raises `DatasetError`."""
     try:
         return DATASETS[name]
     except KeyError:
@@ -74,7 +74,7 @@ def default_data_file(dataset: str, folder: str | os.PathLike | None = None) -> 
 
 
 def parse_records(records: Any, dataset: str, source: str = "data") -> list[Any]:
-    """Parse all records of ``dataset``; the first bad one raises :class:`DatasetError`."""
+    """Parse all records of ``dataset``; the first bad one raises `DatasetError`."""
     parse = get_dataset(dataset).parse
     if not isinstance(records, list):
         raise DatasetError(f"{source}: expected a JSON list of records, got {type(records).__name__}")

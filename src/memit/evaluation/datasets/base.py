@@ -1,4 +1,4 @@
-"""What describes an evaluation data set: one :class:`DatasetSpec` per data set, holding
+"""What describes an evaluation data set: one `DatasetSpec` per data set, holding
 everything the loader, downloader, runner, summaries and MEND training need to know."""
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ Probes = Callable[[Any], list["Probe"]]
 class DatasetSpec:
     """One evaluation data set.
 
-    ``parse`` turns a record into a case of ``case_type`` (raising :class:`DatasetError`
+    ``parse`` turns a record into a case of ``case_type`` (raising `DatasetError`
     naming the record and field); ``local_files`` are the default file names in the data
     folder, tried in order; ``remote_files`` are what ``memit download <name>`` fetches;
     ``detect_order`` places the schema in detection (None: chosen by name only, e.g. a
