@@ -4,7 +4,7 @@
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   [ALGS="MEMIT ROME"] [HPARAMS=preset] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
+#   [ALGS="MEMIT ROME"] [DATASETS="cf"] [HPARAMS=preset] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
 # HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ OUT=${1:-results/answer_views}
 DATA=${MEMIT_SHARED_DATA:-../shared/data}
 MEMIT=${MEMIT:-.venv/bin/memit}
 read -r -a ALGS <<< "${ALGS:-MEMIT AlphaEdit ROME}"
+read -r -a DATASETS <<< "${DATASETS:-cf zsre}"
 declare -A FILES=([cf]="$DATA/counterfact_subset400.json" [zsre]="$DATA/zsre_mend_eval_subset700.json")
 
 # The run of ALG in OUT/DATASET asked with the chat template or not (empty if none yet).
@@ -20,7 +21,7 @@ run_of() {
   { grep -l "\"chat_template\": $chat" "$OUT/$1/$2"/run_*/params.json 2>/dev/null || true; } | head -n 1 | xargs -r dirname
 }
 
-for dataset in cf zsre; do
+for dataset in "${DATASETS[@]}"; do
   for alg in "${ALGS[@]}"; do
     for format in raw chat; do
       flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit 100 --num-edits 100
