@@ -15,6 +15,9 @@ from memit.stats import collect_second_moments, load_corpus
 
 Z_LAYER = 8
 STEPS = 3
+# A request optimised in a padded batch sums its attention in another order than alone; over
+# the Adam steps single entries drift by up to about 1e-3 (measured 9e-4 on entries up to 1).
+BATCH_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def test_batch_equals_each_alone(setup):
     together = _targets(setup, requests, batch_size=len(requests), fast=True)
     for i, request in enumerate(requests):
         alone = _targets(setup, [request], batch_size=1, fast=True)
-        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(together.delta[i : i + 1], alone.delta, atol=BATCH_ATOL, rtol=1e-3)
 
 
 def test_results_keep_request_order_when_batches_are_sorted_by_length(setup, counterfact_records):
@@ -57,7 +60,7 @@ def test_results_keep_request_order_when_batches_are_sorted_by_length(setup, cou
     for i, request in enumerate(requests):
         alone = _targets(setup, [request], batch_size=1, fast=True)
         torch.testing.assert_close(batched.init[i : i + 1], alone.init, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(batched.delta[i : i + 1], alone.delta, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.delta[i : i + 1], alone.delta, atol=BATCH_ATOL, rtol=1e-3)
 
 
 def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(setup, monkeypatch):
@@ -73,7 +76,7 @@ def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(se
     together = _targets(setup, requests, batch_size=len(requests), fast=True)
     plain = _targets(setup, requests, batch_size=1, fast=False)
     assert together.delta[stopped].abs().max() == 0 and together.delta[1 - stopped].abs().max() > 0.1
-    torch.testing.assert_close(together.delta, plain.delta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together.delta, plain.delta, atol=BATCH_ATOL, rtol=1e-3)
     torch.testing.assert_close(together.final_loss, plain.final_loss, atol=1e-3, rtol=1e-3)
 
 
