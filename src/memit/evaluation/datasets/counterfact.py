@@ -1,7 +1,7 @@
 """CounterFact and MultiCounterFact: a counterfactual rewrite with paraphrase, neighborhood
 and generation prompts per record.
 
-CounterFact probability metrics, computed as the paper's code does.
+The metric, computed as the paper's code does.
 
 Per prompt: the mean per-token NLL of ``target_new`` and ``target_true`` (teacher-forced)
 and whether the model's argmax reproduces the whole expected target. Per case:
@@ -71,7 +71,7 @@ def counterfact_training_example(case: CounterFactCase) -> TrainingExample:
     return TrainingExample((case.request.filled_prompt(), target), (case.paraphrase_prompts[0], target), case.neighborhood_prompts[0])
 
 
-# Metrics
+# --- the metric ----------------------------------------------------------------------------
 
 # Prompt groups, and whether the true target (rather than the new one) should win.
 GROUPS: dict[str, bool] = {"efficacy": False, "paraphrase": False, "neighborhood": True}

@@ -90,7 +90,7 @@ def _aliases(record: Mapping, index: int, name: str) -> list[str]:
     return get_strings(record, index, name, allow_empty=True) if name in record else []
 
 
-# Metrics
+# --- the metric ----------------------------------------------------------------------------
 
 MULTIHOP = "multihop"
 

@@ -78,7 +78,7 @@ def zsre_training_example(case: ZsreCase) -> TrainingExample:
     return TrainingExample((case.request.filled_prompt(), target), (case.rephrase, target), case.loc)
 
 
-# Metrics
+# --- the metric ----------------------------------------------------------------------------
 
 def zsre_prompts(case: ZsreCase) -> dict[str, tuple[str, str]]:
     """Group -> (prompt, expected continuation)."""
