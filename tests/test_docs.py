@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import memit
 import memit.evaluation
 import memit.tracing
@@ -55,9 +53,8 @@ def test_the_api_reference_names_every_public_name():
     assert public - documented == set()
 
 
-@pytest.mark.parametrize("page", ["README.md"])
-def test_relative_links_of_the_readme_lead_to_files(page):
-    text = (REPO / page).read_text()
+def test_relative_links_of_the_readme_lead_to_files():
+    text = (REPO / "README.md").read_text()
     targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)#:]+(?:#[^)]*)?)\)", text)]
     missing = [t for t in targets if t and not (REPO / t).exists()]
     assert targets and missing == []
