@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import CONFIG_FILE, WeightDeltas
+from memit.deltas import CONFIG_FILE, WeightDeltas, summed_deltas
 from memit.editing.base import EditOptions, Editor
 from memit.editing.hparams import HyperParams
 from memit.editing.methods import get_editor_class, resolve_hparams
@@ -223,17 +223,15 @@ def chain_total(directory: Path) -> WeightDeltas:
     batches = manifest.get("batches") or []
     if not batches:
         raise InputError(f"chain: {directory} has no batches; there is nothing to export")
-    total: dict[str, torch.Tensor] = {}
     requests: list = []
-    dtypes: dict[str, torch.dtype] = {}
-    for name in batches:
-        batch = WeightDeltas.load(directory / name)
-        for param, delta in batch.deltas.items():
-            # Summed in float64 so that the order of batches does not round the total.
-            total[param] = total[param] + delta.double() if param in total else delta.double()
-        requests += batch.manifest.get("requests") or []
-        dtypes.update({param: delta.dtype for param, delta in batch.deltas.items()})
-    summed = {param: delta.to(dtypes.get(param, torch.float32)) for param, delta in total.items()}
+
+    def loaded() -> Iterator[WeightDeltas]:
+        for name in batches:
+            batch = WeightDeltas.load(directory / name)
+            requests.extend(batch.manifest.get("requests") or [])
+            yield batch
+
+    summed = summed_deltas(loaded())
     log.info("Chain %s: %d batches, %d requests, %d edited weights", directory, len(batches), len(requests), len(summed))
     return WeightDeltas(summed, {
         "algorithm": manifest.get("algorithm"),

@@ -22,7 +22,7 @@ from typing import IO, Any, Callable, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.deltas import WeightDeltas
+from memit.deltas import WeightDeltas, summed_deltas
 from memit.editing.base import EditOptions
 from memit.editing.hparams import HyperParams
 from memit.errors import InputError, MemitError
@@ -289,12 +289,6 @@ def combined(edits: Sequence[WeightDeltas], model: PreTrainedModel) -> WeightDel
     from memit.editing.preserved import edit_gram, gram_name, keys_name
     from memit.models.loading import model_fingerprint
 
-    total: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for edit in edits:
-        for name, delta in edit.deltas.items():
-            total[name] = total[name] + delta.double() if name in total else delta.double()
-            dtypes[name] = delta.dtype
     state: dict[str, torch.Tensor] = {}
     layers = {int(key.rsplit("layer", 1)[1]) for edit in edits for key in edit.state if "layer" in key}
     for layer in sorted(layers):
@@ -315,7 +309,7 @@ def combined(edits: Sequence[WeightDeltas], model: PreTrainedModel) -> WeightDel
         "model_name": getattr(model.config, "_name_or_path", ""),
         "combined_edits": len(edits),
     }
-    return WeightDeltas({name: delta.to(dtypes[name]) for name, delta in total.items()}, manifest, state)
+    return WeightDeltas(summed_deltas(edits), manifest, state)
 
 
 def open_session(

@@ -13,7 +13,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -176,6 +176,18 @@ class WeightDeltas:
             if params[name].device.type == "meta":
                 raise InputError(f"deltas: {name} is offloaded by the device map; load the model with that layer on a device")
         return params
+
+
+def summed_deltas(edits: Iterable[WeightDeltas]) -> dict[str, torch.Tensor]:
+    """Each weight's total change over ``edits`` (read once, one at a time), summed in float64
+    so that their order does not round the total, in the deltas' own dtype."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for edit in edits:
+        for name, delta in edit.deltas.items():
+            total[name] = total[name] + delta.double() if name in total else delta.double()
+            dtypes[name] = delta.dtype
+    return {name: delta.to(dtypes[name]) for name, delta in total.items()}
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
