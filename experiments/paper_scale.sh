@@ -21,6 +21,11 @@
 #            stop, target vectors from the unedited model), 2,000 edits in batches of 100, every
 #            case so far scored teacher-forced after 500, 1,000, 1,500 and 2,000 edits; then the
 #            2,000-edit point again with generated answers (its batches from the edit cache).
+#   lifelong-bf16  the same protocol for the configuration VARIANT (a preset name or JSON file; default
+#            the sequential preset) into OUT (default results/lifelong_bf16), target vectors under
+#            bfloat16 autocast: computed first, NPROC processes sharing them, into OUT/.target_cache
+#            (target vectors from the unedited model do not depend on the chain), then the chain
+#            reads them; variants with the same target settings share that cache through OUT.
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
@@ -71,6 +76,17 @@ for part in "${@:-scaling sequential}"; do
       mkdir -p results/memit_sequential_answers
       ln -sfn ../memit_sequential/.edit_cache results/memit_sequential_answers/.edit_cache
       memit scale "${lifelong[@]}" --sequential-batches 20 --out results/memit_sequential_answers
+    elif [ "$what" = lifelong-bf16 ]; then
+      needs_bf16_units lifelong-bf16
+      variant=${VARIANT:-SmolLM2-135M-Instruct-sequential}
+      out=${OUT:-results/lifelong_bf16}
+      memit targets --hparams "$variant" --data-file "$DATA" --limit 2000 --bf16 --target-cache "$out/.target_cache"
+      lifelong=(--alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --bf16 --reuse-edits
+        --target-cache "$out/.target_cache" --skip-generation)
+      memit scale "${lifelong[@]}" --sequential-batches 5,10,15,20 --no-generated-answers --out "$out/teacher_forced"
+      mkdir -p "$out/answers"
+      ln -sfn ../teacher_forced/.edit_cache "$out/answers/.edit_cache"
+      memit scale "${lifelong[@]}" --sequential-batches 20 --out "$out/answers"
     else
       for alg in MEMIT AlphaEdit ROME; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \

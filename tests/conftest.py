@@ -46,15 +46,18 @@ def counterfact_records():
     return json.loads(COUNTERFACT.read_text())
 
 
-def random_llama(tok, num_layers: int, seed: int):
-    """A tiny random Llama over the default model's tokenizer, with its vocabulary head scaled
-    up so that its predictions are sharper than a random init gives."""
+def random_llama(tok=None, num_layers: int = 2, seed: int = 0, *, hidden: int = 32, mlp: int = 64, head_scale: float = 20.0, **config):
+    """The tests' tiny random Llama: over ``tok``'s vocabulary (else ``vocab_size`` in
+    ``config``), its vocabulary head scaled by ``head_scale`` so that its predictions are
+    sharper than a random init gives; ``config``: further LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if tok is not None:
+        config |= {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, **config)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(20)
+        model.lm_head.weight.mul_(head_scale)
     return model

@@ -5,12 +5,11 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memit.errors import MissingFileError
 from memit.models.layout import ModelLayout
 from memit.stats import CorpusError, collect_second_moments, load_corpus, resolve_corpus
-from tests.conftest import SHARED_CORPUS
+from tests.conftest import SHARED_CORPUS, random_llama
 
 
 def test_packaged_sample_is_the_default_and_gives_the_shared_files_statistics(default_model):
@@ -53,9 +52,7 @@ def test_only_the_presets_default_falls_back_to_the_packaged_sample(caplog):
 
 
 def test_model_samples_are_an_explicit_choice(default_model):
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=49152)
-    tiny = AutoModelForCausalLM.from_config(config).eval()
+    tiny = random_llama(num_layers=1, head_scale=1.0, vocab_size=49152)
     with pytest.raises(CorpusError, match="needs the model"):
         load_corpus("model-samples")
     tok = default_model[1]

@@ -1,9 +1,10 @@
 """Loading models: the default, a GGUF file, a local folder; fingerprints."""
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from memit import load_model
 from memit.models.loading import _packaged_default_gguf, default_model_dir, model_fingerprint
+
+from .conftest import random_llama
 
 
 def test_default_model_is_converted_once_and_loads(default_model):
@@ -27,9 +28,7 @@ def test_gguf_file_loads_to_the_same_weights_as_the_converted_default(default_mo
 
 
 def test_local_folder_loads(tmp_path, default_model):
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=49152)
-    tiny = AutoModelForCausalLM.from_config(config)
+    tiny = random_llama(head_scale=1.0, vocab_size=49152)
     tiny.save_pretrained(tmp_path)
     default_model[1].save_pretrained(tmp_path)
     loaded, tok = load_model(str(tmp_path))

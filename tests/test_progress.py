@@ -5,11 +5,10 @@ import logging
 import time
 
 import pytest
-import torch
 
 from memit.utils.progress import ENV_INTERVAL, progress
 
-from .conftest import COUNTERFACT
+from .conftest import COUNTERFACT, random_llama
 
 
 def _slow(items, seconds=0.02):
@@ -55,13 +54,8 @@ def test_a_short_step_logs_nothing(caplog, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_model(default_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = default_model[1]
-    torch.manual_seed(1234)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(config).eval(), tok
+    return random_llama(tok, num_layers=2, seed=1234, head_scale=1.0, max_position_embeddings=512), tok
 
 
 def test_an_evaluation_run_logs_the_progress_of_its_scoring(tiny_model, tmp_path, caplog, monkeypatch):

@@ -19,6 +19,8 @@ from memit.editing.hparams import HyperParamsError
 from memit.errors import InputError
 from memit.predict import score_continuations
 
+from .conftest import random_llama
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 FIRST, SECOND = slice(20, 26), slice(26, 32)
@@ -53,12 +55,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _tiny_llama():
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return random_llama(num_layers=4, seed=0, hidden=64, mlp=128, head_scale=1.0,
+                        vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 CITIES = "Paris London Berlin Madrid Rome Vienna Prague Warsaw Dublin Lisbon Athens Oslo Helsinki Stockholm Copenhagen Brussels Amsterdam Zurich Geneva Munich Milan Naples Venice Florence".split()

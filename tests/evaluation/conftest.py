@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from ..conftest import random_llama
 
 
 @pytest.fixture(scope="session")
@@ -12,24 +13,7 @@ def tokenizer(default_model):
 
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Larger logits make argmax decisions and probability gaps less uniform.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
+    return random_llama(tokenizer, num_layers=2, seed=1234, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="session")
