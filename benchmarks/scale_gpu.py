@@ -38,11 +38,13 @@ runs the ``tiny`` shape on the CPU).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -381,13 +383,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps(summary), flush=True)
     results: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="scale_gpu_"))
+    atexit.register(shutil.rmtree, work, True)  # statistics of an 8B model's edit layers take gigabytes
     options = EditOptions(corpus="wikipedia-sample", stats_dir=str(work / "stats"), stats_batch_tokens=args.stats_batch_tokens,
                           batch_size=args.batch_size, target_cache=str(work / "targets"), seed=args.seed)
     corpus = load_corpus("wikipedia-sample")
     n_edit = len(hp.layers)
 
     # The float64 sums stay on a GPU only where they take at most half its free memory.
-    sums_on_device = device.type == "cpu" or n_edit * sizes.key_dim**2 * 8 <= torch.cuda.mem_get_info(device)[0] / 2
+    sums_on_device = device.type == "cpu" or device.type == "cuda" and n_edit * sizes.key_dim**2 * 8 <= torch.cuda.mem_get_info(device)[0] / 2
     with phase("stats", results, memory, device, counter) as row:
         SecondMomentCache(options.stats_dir).get(model, tok, layout, hp.layers, corpus, hp.mom2_n_samples, hp.mom2_max_tokens,
                                                  hp.mom2_dtype, batch_tokens=options.stats_batch_tokens)
