@@ -63,6 +63,7 @@ from memit.evaluation.datasets import get_dataset, load_cases
 from memit.prompt_format import RAW
 from memit.stats import SecondMomentCache, load_corpus
 from memit.utils.io import atomic_path
+from memory import peak_rss, reset_peak, rss  # benchmarks/memory.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -174,9 +175,7 @@ class FlopCounter:
 
     def __init__(self, model: PreTrainedModel, layout: ModelLayout, sizes: Sizes):
         self.sizes = sizes
-        self.tokens = [0] * sizes.n_layers
-        self.attention = [0] * sizes.n_layers
-        self.head_tokens = 0
+        self.reset()
         self.handles = [layer.register_forward_hook(self._layer_hook(i)) for i in range(sizes.n_layers) for layer in [layout.layer(model, i)]]
         self.handles.append(model.get_output_embeddings().register_forward_hook(self._head_hook))
 
@@ -237,31 +236,17 @@ class PeakMemory:
         self.baseline = baseline if device.type != "cuda" else 0
 
     def reset(self) -> None:
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
+            reset_peak()
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
-        return resident("VmHWM") - self.baseline
-
-
-def resident(field: str = "VmRSS") -> int:
-    """The process's resident bytes now (VmRSS) or at their high-water mark (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss() - self.baseline
 
 
 def check_placement(model: PreTrainedModel, placement: dict[str, tuple[torch.device, torch.dtype]], deltas=None) -> None:
@@ -365,7 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     default_model, tok = load_model("default")
     del default_model
     gc.collect()
-    baseline = resident()
+    baseline = rss()
     model = build_model(args.shape, len(tok), tok.pad_token_id, args.device, dtype)
     hp = paper_hparams(model, args)
     layout = ModelLayout.from_model(model)
@@ -404,13 +389,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = load_requests(args.requests_file or [str(DATA / "counterfact_mend" / f) for f in ("counterfact-edit.json", "counterfact-train.json")], args.requests)
     templates = context_templates(model, tok, hp, options)
     z_layer = hp.layers[-1]
+
+    def target_phase(name: str, requests: list, options: EditOptions) -> None:
+        step_tokens = [0]
+
+        def largest_step(_module, inputs, _output):
+            step_tokens[0] = max(step_tokens[0], inputs[0].shape[:-1].numel())
+
+        handle = model.get_output_embeddings().register_forward_hook(largest_step)
+        with phase(name, results, memory, device, counter) as row:
+            layer_targets(model, tok, layout, requests, hp, templates, options)
+            # Backward passes reach the layers above the edit layer and the head, input gradients only.
+            flops = counter.forward_flops() + counter.forward_flops(z_layer + 1)
+            row |= {"requests": len(requests), "batch_size": options.batch_size, "steps": hp.v_num_grad_steps,
+                    "predicted_memory_gib": targets_memory(sizes, sizes.n_layers - 1 - z_layer, step_tokens[0]) / GIB,
+                    "limit_s": flops / rates["matmul_flops"]}
+        handle.remove()
+        row["requests_per_s"] = len(requests) / row["seconds"]
+        check_placement(model, placement)
+
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         sample = requests[: min(len(requests), 2 * batch_size)]
         timing = dataclasses.replace(options, batch_size=batch_size, target_cache=None)
-        target_phase(f"targets_bs{batch_size}", model, tok, layout, sample, hp, templates, timing, z_layer, sizes, rates, results, memory, device, counter)
-        check_placement(model, placement)
-    target_phase("targets", model, tok, layout, requests, hp, templates, options, z_layer, sizes, rates, results, memory, device, counter)
-    check_placement(model, placement)
+        target_phase(f"targets_bs{batch_size}", sample, timing)
+    target_phase("targets", requests, options)
 
     editor = TimedMEMIT(hp, options)
     with phase("edit", results, memory, device, counter) as row:
@@ -436,24 +438,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary["end_to_end_s"] = sum(by_name[p]["seconds"] for p in ("stats", "targets", "edit"))
     summary["phases"] = results
     return summary
-
-
-def target_phase(name, model, tok, layout, requests, hp, templates, options, z_layer, sizes, rates, results, memory, device, counter) -> None:
-    step_tokens = [0]
-
-    def largest_step(_module, inputs, _output):
-        step_tokens[0] = max(step_tokens[0], inputs[0].shape[:-1].numel())
-
-    handle = model.get_output_embeddings().register_forward_hook(largest_step)
-    with phase(name, results, memory, device, counter) as row:
-        layer_targets(model, tok, layout, requests, hp, templates, options)
-        # Backward passes reach the layers above the edit layer and the head, input gradients only.
-        flops = counter.forward_flops() + counter.forward_flops(z_layer + 1)
-        row |= {"requests": len(requests), "batch_size": options.batch_size, "steps": hp.v_num_grad_steps,
-                "predicted_memory_gib": targets_memory(sizes, sizes.n_layers - 1 - z_layer, step_tokens[0]) / GIB,
-                "limit_s": flops / rates["matmul_flops"]}
-    handle.remove()
-    row["requests_per_s"] = len(requests) / row["seconds"]
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ def bench():
     spec = importlib.util.spec_from_file_location("scale_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["scale_gpu"] = module  # its dataclasses look their module up
+    sys.path.insert(0, str(SCRIPT.parent))  # it reads benchmarks/memory.py, as it does when run as a script
     spec.loader.exec_module(module)
     return module
 
