@@ -18,9 +18,15 @@
 #            on one thread of an AVX512_BF16 CPU without AMX), CHAIN_THREADS=2 gives the chain
 #            both cores (4 s a request), the 500-edit scoring sharing them.
 #   lifelong  MEMIT with its sequential preset (earlier edits' keys preserved, most-probable early
-#            stop, target vectors from the unedited model), 2,000 edits in batches of 100, every
-#            case so far scored teacher-forced after 500, 1,000, 1,500 and 2,000 edits; then the
-#            2,000-edit point again with generated answers (its batches from the edit cache).
+#            stop, target vectors from the unedited model, computed first by NPROC processes into the
+#            default target cache), EDITS (default 2,000) edits in batches of 100, every case so far
+#            scored teacher-forced after each quarter; then the last point again with generated
+#            answers (its batches from the edit cache). EDITS=10000 continues the 2,000-edit chain
+#            (its first 20 batches from the edit cache); its target vectors are best computed first
+#            on a GPU (memit targets --limit 10000 --use-cache, float32) and the cache carried over.
+#   ablation  each of VARIANTS (hyperparameter JSON files: the sequential preset with one setting
+#            changed) at 2,000 edits, teacher-forced, into results/ablation/NAME; variants with the
+#            preset's target settings read the lifelong part's target vectors from the default cache.
 #   lifelong-bf16  the same protocol for the configuration VARIANT (a preset name or JSON file; default
 #            the sequential preset) into OUT (default results/lifelong_bf16), target vectors under
 #            bfloat16 autocast: computed first, NPROC processes sharing them, into OUT/.target_cache
@@ -71,11 +77,21 @@ for part in "${@:-scaling sequential}"; do
       wait "$chain"
       for k in 20 15; do memit scale "${rome[@]}" --sequential-batches "$k" --generation-interval 5 --out results/rome_bf16; done
     elif [ "$what" = lifelong ]; then
+      # target vectors from the unedited model do not depend on the chain: computed first, NPROC processes sharing them
+      edits=${EDITS:-2000}
+      quarter=$((edits / 400))
+      memit targets --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --limit "$edits" --use-cache
       lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache --skip-generation)
-      memit scale "${lifelong[@]}" --sequential-batches 5,10,15,20 --no-generated-answers --out results/memit_sequential
+      memit scale "${lifelong[@]}" --sequential-batches "$quarter,$((2 * quarter)),$((3 * quarter)),$((4 * quarter))" \
+        --no-generated-answers --out results/memit_sequential
       mkdir -p results/memit_sequential_answers
       ln -sfn ../memit_sequential/.edit_cache results/memit_sequential_answers/.edit_cache
-      memit scale "${lifelong[@]}" --sequential-batches 20 --out results/memit_sequential_answers
+      memit scale "${lifelong[@]}" --sequential-batches "$((edits / 100))" --out results/memit_sequential_answers
+    elif [ "$what" = ablation ]; then
+      for variant in ${VARIANTS:?VARIANTS: the hyperparameter JSON files to run}; do
+        memit scale --alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --sequential-batches 20 \
+          --skip-generation --no-generated-answers --reuse-edits --use-cache --out "results/ablation/$(basename "$variant" .json)"
+      done
     elif [ "$what" = lifelong-bf16 ]; then
       needs_bf16_units lifelong-bf16
       variant=${VARIANT:-SmolLM2-135M-Instruct-sequential}

@@ -1,13 +1,15 @@
 """The paper-scale tables and plots from the run folders of ``experiments/paper_scale.sh``: per part
 (scaling, sequential) the comparison table, the hours each run took and its plot; for the
 scaling curve, the update's size, what the solves left unwritten and what the target-vector
-cache saved; for the sequential runs, success by the edits' age.
+cache saved; for the sequential runs, success by the edits' age; the ablation of the sequential
+preset at 2,000 edits.
 
 Each finished run's summary is kept in ``--archive`` (committed with the docs), so the tables and
 plots still hold the runs whose folders are not under ``--results``; a run folder that is
 there replaces its archived summary.
 
     python experiments/paper_scale_report.py [--results results] [--figures docs/evaluation] [--archive docs/evaluation/paper_runs.json]
+        [--ablation-archive docs/evaluation/ablation_2000.json]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "sequential, ROME's bfloat16 edit chain": "rome_chain",
          "lifelong, MEMIT's sequential preset": "memit_sequential",
          "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers"}
+ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
 
@@ -144,6 +147,23 @@ def update_archive(archive: dict, results: Path) -> None:
         archive["target_cache"] = {device: {"count": count, "seconds": seconds} for device, (count, seconds) in cost.items()}
 
 
+def update_ablation(archive: dict, results: Path) -> None:
+    """Puts the summary of every finished variant in ``results/ablation`` into ``archive`` under
+    the variant's name."""
+    for folder in sorted((results / ABLATION).glob("*")):
+        for s in finished_runs(folder):
+            archive[folder.name] = {k: v for k, v in s.to_json().items() if k != "run_dir"}
+
+
+def ablation_table(archive: dict) -> str:
+    rows = [["variant", "edits", "efficacy", "paraphrase", "neighborhood", "Score", "‖ΔW‖/‖W‖"], ["---", *["---:"] * 6]]
+    for name, record in archive.items():
+        metrics = [f"{100 * record[k]['post']:.1f}" for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "score")]
+        edits = record["num_edits"] * record["sequential_batches"]
+        rows.append([name, f"{edits:,}", *metrics, f"{record['update_relative']:.2f}"])
+    return markdown_table(rows)
+
+
 def archived_runs(archive: dict, folder: str) -> list[tuple[RunSummary, list | None]]:
     """The folder's archived runs (summary, success by age), by method then number of edits."""
     runs = [(RunSummary.from_record(run["summary"]), run["by_age"]) for key, run in archive["runs"].items() if key.startswith(f"{folder}/")]
@@ -155,7 +175,12 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--figures", type=Path, default=Path("docs/evaluation"))
     p.add_argument("--archive", type=Path, default=Path("docs/evaluation/paper_runs.json"))
+    p.add_argument("--ablation-archive", type=Path, default=Path("docs/evaluation/ablation_2000.json"))
     args = p.parse_args()
+    ablation = read_json(args.ablation_archive, what="ablation archive") if args.ablation_archive.is_file() else {}
+    update_ablation(ablation, args.results)
+    write_json(args.ablation_archive, ablation)
+    print(f"## ablation of the sequential preset\n\n{ablation_table(ablation)}\n")
     archive = read_json(args.archive, what="archive") if args.archive.is_file() else {"runs": {}, "target_cache": {}}
     update_archive(archive, args.results)
     write_json(args.archive, archive)
