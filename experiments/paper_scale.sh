@@ -79,6 +79,7 @@ for part in "${@:-scaling sequential}"; do
     elif [ "$what" = lifelong ]; then
       # target vectors from the unedited model do not depend on the chain: computed first, NPROC processes sharing them
       edits=${EDITS:-2000}
+      if [ $((edits % 400)) -ne 0 ]; then echo "EDITS=$edits: a multiple of 400 (four checkpoints of whole batches of 100)" >&2; exit 2; fi
       quarter=$((edits / 400))
       memit targets --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --limit "$edits" --use-cache
       lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache --skip-generation)
