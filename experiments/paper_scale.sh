@@ -41,6 +41,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${MEMIT_SHARED_DATA:-../shared/data}/counterfact_mend/counterfact-edit.json
 NPROC=${NPROC:-1}
+# the lifelong and ablation chains: batches of 100, edits and target vectors reused from their caches
+chain_options=(--data-file "$DATA" --num-edits 100 --reuse-edits --use-cache --skip-generation)
 memit() {
   if [ "$NPROC" -gt 1 ]; then
     OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc-per-node "$NPROC" -m memit "$@"
@@ -82,7 +84,7 @@ for part in "${@:-scaling sequential}"; do
       if [ $((edits % 400)) -ne 0 ]; then echo "EDITS=$edits: a multiple of 400 (four checkpoints of whole batches of 100)" >&2; exit 2; fi
       quarter=$((edits / 400))
       memit targets --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --limit "$edits" --use-cache
-      lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --num-edits 100 --reuse-edits --use-cache --skip-generation)
+      lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential "${chain_options[@]}")
       memit scale "${lifelong[@]}" --sequential-batches "$quarter,$((2 * quarter)),$((3 * quarter)),$((4 * quarter))" \
         --no-generated-answers --out results/memit_sequential
       mkdir -p results/memit_sequential_answers
@@ -90,8 +92,8 @@ for part in "${@:-scaling sequential}"; do
       memit scale "${lifelong[@]}" --sequential-batches "$((edits / 100))" --out results/memit_sequential_answers
     elif [ "$what" = ablation ]; then
       for variant in ${VARIANTS:?VARIANTS: the hyperparameter JSON files to run}; do
-        memit scale --alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --sequential-batches 20 \
-          --skip-generation --no-generated-answers --reuse-edits --use-cache --out "results/ablation/$(basename "$variant" .json)"
+        memit scale --alg MEMIT --hparams "$variant" "${chain_options[@]}" --sequential-batches 20 --no-generated-answers \
+          --out "results/ablation/$(basename "$variant" .json)"
       done
     elif [ "$what" = lifelong-bf16 ]; then
       needs_bf16_units lifelong-bf16
