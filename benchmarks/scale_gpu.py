@@ -53,33 +53,25 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from memit import MEMITHyperParams, ModelLayout, load_model
 from memit.editing.base import EditOptions
 from memit.editing.common import context_templates, layer_targets
 from memit.editing.memit.main import MEMITEditor
 from memit.evaluation.datasets import get_dataset, load_cases
+from memit.models.loading import prepare_tokenizer
 from memit.prompt_format import RAW
 from memit.stats import SecondMomentCache, load_corpus
 from memit.utils.io import atomic_path
 from memory import peak_rss, reset_peak, rss  # benchmarks/memory.py, beside this script
+from shapes import SHAPES  # benchmarks/shapes.py, shared with the paper's code's run
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 log = logging.getLogger("scale_gpu")
 GIB = 2**30
 
-# Real configurations (random weights); the vocabulary is the default model's tokenizer's.
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-    "gptj-6b": dict(model_type="gptj", n_embd=4096, n_inner=16384, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--tokenizer", default=None, help="folder of the default model's tokenizer (saved with save_pretrained), "
+                                                       "where the default model is not installed; default: the default model's")
     p.add_argument("--requests", type=int, default=100, help="requests edited at once (R)")
     p.add_argument("--requests-file", action="append", default=None,
                    help="CounterFact or MEND CounterFact files to draw requests from, in order (repeatable; "
@@ -347,9 +341,12 @@ class TimedMEMIT(MEMITEditor):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    default_model, tok = load_model("default")
-    del default_model
-    gc.collect()
+    if args.tokenizer:
+        tok = prepare_tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))
+    else:
+        default_model, tok = load_model("default")
+        del default_model
+        gc.collect()
     baseline = rss()
     model = build_model(args.shape, len(tok), tok.pad_token_id, args.device, dtype)
     hp = paper_hparams(model, args)
@@ -363,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "shape": args.shape, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "params": sum(p.numel() for p in model.parameters()), "layers": hp.layers,
-        "key_dim": sizes.key_dim, "requests": args.requests, "torch_threads": torch.get_num_threads(), **rates,
+        "key_dim": sizes.key_dim, "requests": args.requests, "stats_samples": args.stats_samples, "torch_threads": torch.get_num_threads(), **rates,
     }
     print(json.dumps(summary), flush=True)
     results: list[dict] = []

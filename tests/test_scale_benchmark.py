@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,42 @@ def test_the_flop_counter_counts_every_layer_and_the_head(bench, default_model):
     per_layer = 2 * sizes.layer_params * 15 + 2 * 3 * 25 * sizes.hidden
     assert counter.forward_flops() == per_layer * 2 + 2 * sizes.vocab * sizes.hidden * 15
     assert counter.forward_flops(1) == per_layer + 2 * sizes.vocab * sizes.hidden * 15
+
+
+REFERENCE = REPO / "benchmarks" / "scale_gpu_reference.py"
+REFERENCE_SRC, REFERENCE_SITE = os.environ.get("MEMIT_REFERENCE_SRC"), os.environ.get("MEMIT_REFERENCE_SITE")
+
+
+@pytest.mark.skipif(not (REFERENCE_SRC and REFERENCE_SITE),
+                    reason="the paper's code: MEMIT_REFERENCE_SRC (a checkout of kmeng01/memit) and MEMIT_REFERENCE_SITE "
+                           "(transformers 4.46, tokenizers 0.20, huggingface_hub 0.26, nltk installed with pip --target)")
+def test_the_papers_code_runs_the_same_phases_beside_memit(tiny_run, default_model, tmp_path):
+    default_model[1].save_pretrained(tmp_path / "tokenizer")
+    out = tmp_path / "reference.json"
+    memit_json = tmp_path / "memit.json"
+    memit_json.write_text(json.dumps(tiny_run[0]))
+    args = ["--src", REFERENCE_SRC, "--tokenizer", str(tmp_path / "tokenizer"), "--shape", "tiny", "--device", "cpu",
+            "--dtype", "float32", "--requests", "3", "--stats-samples", "12", "--steps", "2", "--cases", "2",
+            "--counterfact", str(COUNTERFACT), "--memit", str(memit_json), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": REFERENCE_SITE}
+    proc = subprocess.run([sys.executable, str(REFERENCE), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    rows = {r["phase"]: r for r in summary["phases"]}
+    assert list(rows) == ["stats", "targets", "edit", "scoring"]
+    assert rows["stats"]["passes"] == len(summary["layers"]) == 2  # the paper's code: one corpus pass per layer
+    assert rows["targets"]["requests"] == rows["edit"]["requests"] == 3 and rows["scoring"]["cases"] == 2
+    for row in rows.values():
+        assert row["seconds"] > 0 and row["peak_memory_gib"] > 0
+    table = proc.stdout.split("seconds per unit\n", 1)[1]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == ["stats", "targets", "edit", "scoring"]
+
+
+def test_runs_of_different_shapes_are_not_compared(tiny_run):
+    spec = importlib.util.spec_from_file_location("scale_gpu_reference_table", REFERENCE)
+    sys.path.insert(0, str(REFERENCE.parent))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    other = {**tiny_run[0], "shape": "llama3-8b"}
+    with pytest.raises(SystemExit, match="another shape"):
+        module.side_by_side(other, tiny_run[0])

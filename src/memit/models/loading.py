@@ -78,7 +78,7 @@ def load_model(
         model.to(target_device)
     if any(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters()):
         warn_if_cpu_bfloat16_is_slow("A bfloat16 model (--dtype bfloat16)")
-    return model.eval(), _prepare_tokenizer(tok)
+    return model.eval(), prepare_tokenizer(tok)
 
 
 def looks_like_path(name: str) -> bool:
@@ -247,7 +247,7 @@ def _load_pretrained(name: str, dtype: torch.dtype | None, placement: dict) -> t
     return model, tok
 
 
-def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # Right padding keeps every real token at its unpadded position in a causal model.
