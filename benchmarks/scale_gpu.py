@@ -21,7 +21,8 @@ Phases, in one process, each one JSON line (and a table at the end):
    target cache that the edit reads.
 3. ``edit``: the MEMIT edit of the R requests (keys, residuals and float64 solves, target
    vectors from the cache), with per-layer seconds for the solve and for the keys.
-4. ``scoring``: the edited model's teacher-forced CounterFact metrics on ``--cases`` cases.
+4. ``scoring``: the edited model's teacher-forced CounterFact metrics on ``--cases`` cases, several
+   cases' prompts in shared batches as ``memit evaluate`` scores them.
 
 Each line has the peak memory of the phase (``torch.cuda.max_memory_allocated`` on a GPU,
 the process's resident high-water mark on a CPU) beside the memory model of
@@ -60,6 +61,7 @@ from memit.editing.base import EditOptions
 from memit.editing.common import context_templates, layer_targets
 from memit.editing.memit.main import MEMITEditor
 from memit.evaluation.datasets import get_dataset, load_cases
+from memit.evaluation.scoring import Scoring, evaluate_cases
 from memit.models.loading import prepare_tokenizer
 from memit.prompt_format import RAW
 from memit.stats import SecondMomentCache, load_corpus
@@ -424,8 +426,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     spec, cases = get_dataset("cf"), load_cases("cf", args.counterfact, limit=args.cases)[2]
     with phase("scoring", results, memory, device, counter) as row:
-        for case in cases:
-            spec.evaluate_case(model, tok, case, RAW)
+        # The teacher-forced metrics as memit evaluate scores them: several cases' prompts in shared batches.
+        for _ in evaluate_cases(model, tok, cases, Scoring(fmt=RAW, answer_tokens=None), spec):
+            pass
         row |= {"cases": len(cases), "limit_s": counter.forward_flops() / rates["matmul_flops"]}
     check_placement(model, placement, edit.deltas)
     row["cases_per_s"] = len(cases) / row["seconds"]
