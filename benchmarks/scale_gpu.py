@@ -202,18 +202,22 @@ class FlopCounter:
             handle.remove()
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
-    """FLOP/s of an n×n matmul in ``dtype`` on ``device`` (the best of ``repeats``)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first warms up
+def matmul_rate(dtype: torch.dtype, device: torch.device, rows: int, inner: int, cols: int,
+                repeats: int = 5, min_seconds: float = 2.0) -> float:
+    """FLOP/s of a linear layer's product in ``dtype`` on ``device``: ``rows`` inputs of width
+    ``inner`` times a weight of ``cols`` rows; the best of at least ``repeats`` runs and
+    ``min_seconds`` (a shared CPU's clock moves: one short measurement read half its rate)."""
+    x = torch.randn(rows, inner, device=device).to(dtype)
+    weight = torch.randn(cols, inner, device=device).to(dtype)
+    best, runs, began = float("inf"), 0, time.perf_counter()
+    torch.nn.functional.linear(x, weight)  # warms up
+    while runs < repeats or time.perf_counter() - began < min_seconds:
         synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.nn.functional.linear(x, weight)
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        best, runs = min(best, time.perf_counter() - start), runs + 1
+    return 2 * rows * inner * cols / best
 
 
 def synchronize(device: torch.device) -> None:
@@ -357,8 +361,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = Sizes.of(model, layout, hp.layers[-1])
     placement = {n: (p.device, p.dtype) for n, p in model.named_parameters()}
     counter, memory = FlopCounter(model, layout, sizes), PeakMemory(device, baseline)
-    rate_n = 4096 if device.type == "cuda" else 1024
-    rates = {f"{name}_flops": matmul_rate(kind, device, rate_n) for name, kind in (("matmul", dtype), ("float32", torch.float32), ("float64", torch.float64))}
+    # Rates of products shaped as the phases' own: the MLP's input projection over a batch of
+    # tokens in the model's dtype, square Gram and solve products of the keys' width.
+    tokens, width = (8192, 4096) if device.type == "cuda" else (2048, min(4096, sizes.key_dim))
+    rates = {"matmul_flops": matmul_rate(dtype, device, tokens, sizes.hidden, sizes.key_dim),
+             **{f"{name}_flops": matmul_rate(kind, device, width, width, width) for name, kind in (("float32", torch.float32), ("float64", torch.float64))}}
     summary: dict[str, Any] = {
         "shape": args.shape, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "params": sum(p.numel() for p in model.parameters()), "layers": hp.layers,

@@ -48,10 +48,10 @@ GIB = 2**30
 MODULES = {
     "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
                   mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
-                  ln_f_module="model.norm", lm_head_module="lm_head"),
+                  ln_f_module="model.norm"),
     "gptj": dict(rewrite_module_tmp="transformer.h.{}.mlp.fc_out", layer_module_tmp="transformer.h.{}",
                  mlp_module_tmp="transformer.h.{}.mlp", attn_module_tmp="transformer.h.{}.attn",
-                 ln_f_module="transformer.ln_f", lm_head_module="lm_head"),
+                 ln_f_module="transformer.ln_f"),
 }
 
 
@@ -96,6 +96,13 @@ def build_model(shape: str, tok, device: str, dtype: torch.dtype, max_tokens: in
     return model
 
 
+def head_module_name(model) -> str:
+    """The module whose ``weight`` the paper's code reads as the output head: the input
+    embedding where the two are tied (the tied weight is a parameter of that module only)."""
+    head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
+    return next(name for name, module in model.named_modules() if module is head)
+
+
 def paper_hparams(src: Path, model, args: argparse.Namespace):
     """The paper's GPT-J hyperparameters, with the layer rule of scale_gpu.paper_hparams."""
     from memit import MEMITHyperParams
@@ -105,7 +112,7 @@ def paper_hparams(src: Path, model, args: argparse.Namespace):
     data["layers"] = [layer for layer in data["layers"] if layer < n_layers] or list(range(min(len(data["layers"]), n_layers)))
     data["v_loss_layer"] = n_layers - 1
     data["mom2_n_samples"] = args.stats_samples
-    data.update(MODULES[model.config.model_type])
+    data.update(MODULES[model.config.model_type], lm_head_module=head_module_name(model))
     if args.steps is not None:
         data["v_num_grad_steps"] = args.steps
     return MEMITHyperParams(**data)

@@ -122,12 +122,22 @@ def test_an_edit_keeps_copies_of_the_edited_matrices_only(default_model, default
 
 def test_one_pass_gives_the_statistics_of_several_corpus_sizes(default_model, tmp_path):
     from memit.stats import SecondMomentCache
+    from memit.stats.corpus import Corpus
 
     model, tok = default_model
     layout = ModelLayout.from_model(model)
     corpus = load_corpus("wikipedia-sample")
+    partial_sums_seen = []
+
+    def texts_watching_for_saves():
+        for text in corpus.texts():
+            partial_sums_seen.append(any(tmp_path.rglob("partial_*")))
+            yield text
+
     cache = SecondMomentCache(tmp_path)
-    cache.ensure(model, tok, layout, [3, 6], corpus, [6, 12], max_tokens=64)
+    cache.ensure(model, tok, layout, [3, 6], Corpus(corpus.identity, texts_watching_for_saves), [6, 12], max_tokens=64)
+    # A pass this short saves no running sums on the way: each save writes every layer's d x d sums.
+    assert len(partial_sums_seen) >= 12 and not any(partial_sums_seen)
     files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
     assert len(files) == 4 and sum("_n6_" in f for f in files) == 2
     for n in (6, 12):
@@ -158,10 +168,11 @@ def test_a_killed_statistics_pass_continues_from_its_last_save(default_model, tm
             yield text
 
     cache = SecondMomentCache(tmp_path)
-    # 20 samples: the running sums are saved after every 2 (ten saves a pass); the pass dies
-    # reading sample 15, so the last save holds the first 14.
+    # 20 samples: the running sums are saved after every 2; the pass dies reading sample 15,
+    # so the last save holds the first 14.
     with pytest.raises(_Killed):
-        cache.ensure(model, tok, layout, [3, 6], Corpus(corpus.identity, killed_at_the_15th_text), [10, 20], max_tokens=64)
+        cache.ensure(model, tok, layout, [3, 6], Corpus(corpus.identity, killed_at_the_15th_text), [10, 20], max_tokens=64,
+                     checkpoint_samples=2)
     assert len(list(tmp_path.rglob("partial_*.safetensors"))) == 1
     assert sorted(p.name.split("_n")[1].split("_")[0] for p in tmp_path.rglob("*down_proj*")) == ["10", "10"]
     with caplog.at_level("INFO", logger="memit.stats.second_moment"):

@@ -13,7 +13,7 @@ import torch
 
 from memit import ModelLayout
 
-from .conftest import COUNTERFACT, REPO
+from .conftest import COUNTERFACT, REPO, random_llama
 
 SCRIPT = REPO / "benchmarks" / "scale_gpu.py"
 
@@ -132,11 +132,26 @@ def test_the_papers_code_runs_the_same_phases_beside_memit(tiny_run, default_mod
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == ["stats", "targets", "edit", "scoring"]
 
 
-def test_runs_of_different_shapes_are_not_compared(tiny_run):
+@pytest.fixture(scope="module")
+def reference_runner():
+    """benchmarks/scale_gpu_reference.py as a module (its top level imports nothing of the paper's code)."""
     spec = importlib.util.spec_from_file_location("scale_gpu_reference_table", REFERENCE)
     sys.path.insert(0, str(REFERENCE.parent))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_of_different_shapes_are_not_compared(tiny_run, reference_runner):
     other = {**tiny_run[0], "shape": "llama3-8b"}
     with pytest.raises(SystemExit, match="another shape"):
-        module.side_by_side(other, tiny_run[0])
+        reference_runner.side_by_side(other, tiny_run[0])
+
+
+@pytest.mark.parametrize("tied, head", [(False, "lm_head"), (True, "model.embed_tokens")])
+def test_the_papers_code_is_given_the_module_that_holds_the_head_weight(reference_runner, tied, head):
+    # The paper's code looks the head's weight up among the named parameters, where a tied
+    # weight (Llama-3.2-1B's, the default model's) appears under the embedding only.
+    model = random_llama(vocab_size=64, tie_word_embeddings=tied)
+    assert reference_runner.head_module_name(model) == head
+    assert f"{head}.weight" in dict(model.named_parameters())

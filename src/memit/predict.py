@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, last_logits_only
+from memit.utils.compat import cache_from_pairs, cache_pairs, contiguous_head_input, empty_cache, last_logits_only
 
 
 @dataclass
@@ -114,7 +114,7 @@ def _score_after_prompts(
     batch = tok.pad({"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt").to(device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
+    with torch.no_grad(), contiguous_head_input(model):
         out = model(**batch, position_ids=positions, past_key_values=empty_cache(model), use_cache=True, **last_logits_only(model))
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     which = torch.tensor([i for i, _ in rows], device=device)

@@ -254,3 +254,22 @@ def test_sparse_fluency_cases_share_one_decoding_batch(cf_case):
     assert prompts[:-1] == [GENERATION_BATCH] * (len(chunks) - 1) and 0 < prompts[-1] <= GENERATION_BATCH
     # Without texts to decode, a run is capped so that answers and scores still come in chunks.
     assert max(len(chunk) for chunk in _text_chunks(cases, Scoring(), None)) == MAX_CASES_PER_TEXT_CHUNK
+
+
+def test_the_vocabulary_head_of_a_frozen_model_reads_contiguous_rows(tiny_model, tokenizer):
+    # A frozen model's head given the strided slice that logits_to_keep makes runs on torch's
+    # slow CPU path (hundreds of times slower in bfloat16): scoring and generation hand it rows.
+    from memit.predict import score_continuations
+
+    model = copy.deepcopy(tiny_model).requires_grad_(False)
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    prompts = ["The capital of France is", "A much longer prompt about the history of Rome and"]
+    try:
+        shared = score_continuations(model, tokenizer, prompts, [" Paris", " its emperors"])
+        generate_greedy(model, tokenizer, prompts, max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and all(seen)
+    joined = score_continuations(model, tokenizer, prompts, [" Paris", " its emperors"], shared_prompts=False)
+    assert [s.token_logprobs for s in shared] == [pytest.approx(j.token_logprobs, abs=1e-4) for j in joined]

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from memit.errors import InputError
 from memit.stats.corpus import Corpus
+from memit.utils.compat import contiguous_head_input
 from memit.utils.io import read_json
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def greedy_continuations(
             batch = tok(list(prompts[start : start + batch_size]), padding=True, return_tensors="pt").to(model.device)
             width = batch["input_ids"].shape[1]
             criteria = StoppingCriteriaList([stop(width)]) if stop is not None else None
-            with torch.no_grad():
+            with torch.no_grad(), contiguous_head_input(model):  # generate keeps the last logits only
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                     top_p=None, top_k=None, temperature=None, stopping_criteria=criteria,

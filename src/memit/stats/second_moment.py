@@ -52,8 +52,12 @@ DEFAULT_BATCH_TOKENS = 8192
 
 # Given the float64 running sums per layer and the token count so far.
 Snapshot = Callable[[dict[int, torch.Tensor], int], None]
-# A pass saves its running sums this many times, so that a killed pass resumes from the last.
+# A pass saves its running sums this many times, so that a killed pass resumes from the last,
+# but with at least MIN_CHECKPOINT_SAMPLES samples between saves: a save writes every layer's
+# d x d float64 sums (3.2 GB for six layers of width 8,192), and a pass of a few samples
+# saving after each one spent half its time writing.
 CHECKPOINTS_PER_PASS = 10
+MIN_CHECKPOINT_SAMPLES = 100
 
 
 @dataclass
@@ -283,11 +287,13 @@ class SecondMomentCache:
         dtype: str = "float32",
         autocast: bool = False,
         batch_tokens: int | None = None,
+        checkpoint_samples: int | None = None,
     ) -> None:
         """Compute and save whatever is missing of the statistics over the first ``n`` samples
         for every ``n`` in ``sizes``, in one pass over the largest (in a torch.distributed
         group, split across the processes; rank 0 writes the files). The pass saves its running
-        sums ten times along the way, and a pass that was killed continues from the last save."""
+        sums every ``checkpoint_samples`` samples (default: a tenth of the pass, at least
+        `MIN_CHECKPOINT_SAMPLES`), and a pass that was killed continues from the last save."""
         distributed.barrier()  # every process sees the same files missing
         paths = {n: self._paths(model, tok, layout, layers, corpus, n, max_tokens, dtype, autocast) for n in sizes}
         missing = sorted({layer for n in sizes for layer, path in paths[n].items() if not path.is_file()})
@@ -318,7 +324,7 @@ class SecondMomentCache:
                     save_file({f"layer{layer}": sums[layer].cpu().contiguous() for layer in missing}, str(tmp),
                               metadata={"tokens": str(count), "samples": str(n)})
 
-        step = max(1, largest // CHECKPOINTS_PER_PASS)
+        step = checkpoint_samples or max(MIN_CHECKPOINT_SAMPLES, largest // CHECKPOINTS_PER_PASS)
         checkpoints = set(range(step, largest, step))
         log.info("Computing key statistics for layers %s over %s (%s samples)", missing, corpus.identity, sorted(sizes))
         snapshots = {n: functools.partial(checkpoint, n) for n in {*sizes, *checkpoints} if n < largest}
