@@ -1,6 +1,6 @@
 """Scoring speed: CounterFact cases scored the paper's way against memit's way, in one run.
 
-    python benchmarks/scoring_speed.py [--cases 48] [--threads 1] [--model default] [--dtype bfloat16]
+    python benchmarks/scoring_speed.py [--cases 48] [--threads 1] [--model default]
 
 The paper's way (the reference): each case on its own, every prompt + target as one sequence,
 the vocabulary head at every position. memit's way: cases in chunks of 48 (as the evaluation
@@ -57,14 +57,13 @@ def memit_way(model, tok, cases) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="auto", help="the model's dtype (float32, bfloat16, float16; auto: as stored)")
     p.add_argument("--cases", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-file", default=str(DATA / "counterfact_subset400.json"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model)
     cases = load_cases(None, args.data_file, limit=args.cases)[2]
     memit_way(model, tok, cases[:2])  # warm-up
     timings, results = {}, {}
@@ -77,7 +76,7 @@ def main() -> None:
     # Pairs come as (target_new, target_true) per prompt: a success decision compares the two.
     decisions = sum((ref[i + 1] > ref[i]) != (new[i + 1] > new[i]) for i in range(0, len(ref), 2))
     report = {
-        "model": args.model, "dtype": str(model.dtype).removeprefix("torch."), "device": device_label(model), "cases": len(cases), "threads": torch.get_num_threads(),
+        "model": args.model, "device": device_label(model), "cases": len(cases), "threads": torch.get_num_threads(),
         "reference_s_per_case": round(timings["reference"], 3), "memit_s_per_case": round(timings["memit"], 3),
         "speedup": round(timings["reference"] / timings["memit"], 2), "max_nll_difference": worst, "success_decisions_differing": decisions,
     }
