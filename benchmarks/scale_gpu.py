@@ -365,7 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # tokens in the model's dtype, square Gram and solve products of the keys' width.
     tokens, width = (8192, 4096) if device.type == "cuda" else (2048, min(4096, sizes.key_dim))
     rates = {"matmul_flops": matmul_rate(dtype, device, tokens, sizes.hidden, sizes.key_dim),
-             **{f"{name}_flops": matmul_rate(kind, device, width, width, width) for name, kind in (("float32", torch.float32), ("float64", torch.float64))}}
+             "float32_flops": matmul_rate(torch.float32, device, width, width, width),
+             "float64_flops": matmul_rate(torch.float64, device, width, width, width)}
     summary: dict[str, Any] = {
         "shape": args.shape, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "params": sum(p.numel() for p in model.parameters()), "layers": hp.layers,
