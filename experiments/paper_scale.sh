@@ -32,6 +32,7 @@
 #            bfloat16 autocast: computed first, NPROC processes sharing them, into OUT/.target_cache
 #            (target vectors from the unedited model do not depend on the chain), then the chain
 #            reads them; variants with the same target settings share that cache through OUT.
+#            A variant with target vectors from the edited model computes them in the chain.
 # MEND's files have no generation prompts: fluency is generated from each case's edit prompt and
 # rephrase.
 # Hours on a CPU; everything resumes where it stopped: run it again after a kill.
@@ -99,7 +100,9 @@ for part in "${@:-scaling sequential}"; do
       needs_bf16_units lifelong-bf16
       variant=${VARIANT:-SmolLM2-135M-Instruct-sequential}
       out=${OUT:-results/lifelong_bf16}
-      memit targets --hparams "$variant" --data-file "$DATA" --limit 2000 --bf16 --target-cache "$out/.target_cache"
+      if .venv/bin/python -c "import sys; from memit.editing.methods import resolve_hparams; sys.exit(not resolve_hparams('MEMIT', sys.argv[1], None).targets_from_unedited)" "$variant"; then
+        memit targets --hparams "$variant" --data-file "$DATA" --limit 2000 --bf16 --target-cache "$out/.target_cache"
+      fi  # target vectors from the edited model are computed by the chain, batch by batch
       lifelong=(--alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --bf16 --reuse-edits
         --target-cache "$out/.target_cache" --skip-generation)
       memit scale "${lifelong[@]}" --sequential-batches 5,10,15,20 --no-generated-answers --out "$out/teacher_forced"

@@ -7,6 +7,9 @@ import dataclasses
 import json
 import os
 import socket
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +83,20 @@ def part_scoring(model, tok, out):
     return {"run_dir": str(run_dir)}
 
 
+def part_sequential(model, tok, out):
+    """A sequential run started in a fresh folder, the second process arriving only once the
+    first has made its run folder (or after 10 s): both must still work in that one folder."""
+    from memit.evaluation.scaling import run_sequential
+
+    if dist.get_rank() == 1:
+        deadline = time.monotonic() + 10
+        while not (out / "MEMIT").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    config = RunConfig(data_file=str(COUNTERFACT), skip_generation=True, out=str(out))
+    [summary] = run_sequential(config, 2, [2], model, tok, _hparams(), EditOptions(batch_size=2))
+    return {"run_dir": str(summary.run_dir)}
+
+
 def part_conversion(model, tok, out):
     from memit.models.loading import model_fingerprint
 
@@ -92,7 +109,10 @@ def part_sharding(model, tok, out):
     return {"share": shard(list(range(20)), heavy=lambda i: i % 10 == 0)}
 
 
-PARTS = {"sharding": part_sharding, "statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "edit": part_edit, "conversion": part_conversion}
+PARTS = {
+    "sharding": part_sharding, "statistics": part_statistics, "targets": part_targets, "scoring": part_scoring, "edit": part_edit,
+    "conversion": part_conversion, "sequential": part_sequential,
+}
 
 
 def _worker(rank: int, part: str, port: int, out: str) -> None:
@@ -101,11 +121,12 @@ def _worker(rank: int, part: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     if part == "conversion":  # a machine where the default model was never converted
         os.environ["MEMIT_HOME"] = os.path.join(out, "home")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A process left waiting on another fails the test in minutes instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(minutes=3))
     try:
         model, tok = load_model("default")
         with counting_tokens(model) as tokens:
-            result = PARTS[part](model, tok, out)
+            result = PARTS[part](model, tok, Path(out))
         result["tokens"] = tokens[0]
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -175,6 +196,13 @@ def test_scoring_split_across_processes_fills_one_run_folder_with_the_same_numbe
             for key in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
                 assert ra[phase][key] == rb[phase][key], (a.name, phase, key)
             assert ra[phase]["efficacy_magnitude"] == pytest.approx(rb[phase]["efficacy_magnitude"], abs=1e-3)
+
+
+def test_processes_starting_a_sequential_run_at_different_times_share_one_run_folder(default_model, tmp_path):
+    ranks = run_distributed("sequential", tmp_path)
+    assert ranks[0]["run_dir"] == ranks[1]["run_dir"] == str(tmp_path / "MEMIT" / "run_000")
+    assert [p.name for p in (tmp_path / "MEMIT").iterdir() if p.name.startswith("run_")] == ["run_000"]
+    assert len(list((tmp_path / "MEMIT" / "run_000").glob("case_*.json"))) == 4
 
 
 def test_heavy_items_are_dealt_out_evenly_across_processes(tmp_path):

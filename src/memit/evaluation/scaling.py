@@ -13,6 +13,7 @@ from memit.evaluation.datasets import DEFAULT_DATASET, data_dir, default_data_fi
 from memit.evaluation.run_folders import RUN_IDENTITY, RunConfig, hparams_json, list_runs
 from memit.evaluation.runner import run_evaluation
 from memit.evaluation.summary import RunSummary, summarize_run
+from memit.utils import distributed
 from memit.utils.io import atomic_path, read_json
 from memit.utils.progress import progress
 
@@ -93,7 +94,8 @@ def run_sequential(
 
 
 def _run_or_continue(config: RunConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase, hp, options: EditOptions | None) -> RunSummary:
-    existing = find_run(config, hparams_json(hp))
+    # Rank 0 decides: another process looking later would find the folder rank 0 just made.
+    existing = distributed.broadcast(find_run(config, hparams_json(hp)))
     if existing is not None:
         log.info("num_edits=%d x %d: reusing %s", config.num_edits, config.sequential_batches, existing)
         config = dataclasses.replace(config, continue_from_run=str(existing))
