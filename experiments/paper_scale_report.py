@@ -28,7 +28,10 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          # rome-bf16's edit chain scores its last checkpoint itself, teacher-forced only
          "sequential, ROME's bfloat16 edit chain": "rome_chain",
          "lifelong, MEMIT's sequential preset": "memit_sequential",
-         "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers"}
+         "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers",
+         # paper_scale.sh lifelong-bf16 with VARIANT=docs/evaluation/..._edited_targets_lambda3000.json OUT=results/lifelong_edited_l3000
+         "lifelong, edited-model targets, corpus weight 3,000": "lifelong_edited_l3000/teacher_forced",
+         "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers"}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
