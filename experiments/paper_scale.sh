@@ -27,7 +27,8 @@
 #   ablation  each of VARIANTS (hyperparameter JSON files: the sequential preset with one setting
 #            changed) at 2,000 edits, teacher-forced, into results/ablation/NAME; variants with the
 #            preset's target settings read the lifelong part's target vectors from the default cache.
-#   lifelong-bf16  the same protocol for the configuration VARIANT (a preset name or JSON file; default
+#   lifelong-bf16  the same protocol (EDITS edits; every SCORE_INTERVAL-th of them scored, default
+#            all) for the configuration VARIANT (a preset name or JSON file; default
 #            the sequential preset) into OUT (default results/lifelong_bf16), target vectors under
 #            bfloat16 autocast: computed first, NPROC processes sharing them, into OUT/.target_cache
 #            (target vectors from the unedited model do not depend on the chain), then the chain
@@ -59,6 +60,11 @@ needs_bf16_units() {
   echo "part '$1' computes in bfloat16, and this CPU has no bfloat16 units (no avx512_bf16 or amx): run it on a machine that has them (the scaling curve: or fill its target cache on a GPU with 'memit targets')" >&2
   exit 2
 }
+# the lifelong chains: EDITS edits scored after each quarter, every SCORE_INTERVAL-th case
+edits=${EDITS:-2000}
+score_interval=${SCORE_INTERVAL:-1}
+if [ $((edits % 400)) -ne 0 ]; then echo "EDITS=$edits: a multiple of 400 (four checkpoints of whole batches of 100)" >&2; exit 2; fi
+quarters="$((edits / 400)),$((edits / 200)),$((3 * edits / 400)),$((edits / 100))"
 for part in "${@:-scaling sequential}"; do
   for what in $part; do
     if [ "$what" = scaling ]; then
@@ -81,13 +87,9 @@ for part in "${@:-scaling sequential}"; do
       for k in 20 15; do memit scale "${rome[@]}" --sequential-batches "$k" --generation-interval 5 --out results/rome_bf16; done
     elif [ "$what" = lifelong ]; then
       # target vectors from the unedited model do not depend on the chain: computed first, NPROC processes sharing them
-      edits=${EDITS:-2000}
-      if [ $((edits % 400)) -ne 0 ]; then echo "EDITS=$edits: a multiple of 400 (four checkpoints of whole batches of 100)" >&2; exit 2; fi
-      quarter=$((edits / 400))
       memit targets --hparams SmolLM2-135M-Instruct-sequential --data-file "$DATA" --limit "$edits" --use-cache
       lifelong=(--alg MEMIT --hparams SmolLM2-135M-Instruct-sequential "${chain_options[@]}")
-      memit scale "${lifelong[@]}" --sequential-batches "$quarter,$((2 * quarter)),$((3 * quarter)),$((4 * quarter))" \
-        --no-generated-answers --out results/memit_sequential
+      memit scale "${lifelong[@]}" --sequential-batches "$quarters" --no-generated-answers --out results/memit_sequential
       mkdir -p results/memit_sequential_answers
       ln -sfn ../memit_sequential/.edit_cache results/memit_sequential_answers/.edit_cache
       memit scale "${lifelong[@]}" --sequential-batches "$((edits / 100))" --out results/memit_sequential_answers
@@ -101,14 +103,14 @@ for part in "${@:-scaling sequential}"; do
       variant=${VARIANT:-SmolLM2-135M-Instruct-sequential}
       out=${OUT:-results/lifelong_bf16}
       if .venv/bin/python -c "import sys; from memit.editing.methods import resolve_hparams; sys.exit(not resolve_hparams('MEMIT', sys.argv[1], None).targets_from_unedited)" "$variant"; then
-        memit targets --hparams "$variant" --data-file "$DATA" --limit 2000 --bf16 --target-cache "$out/.target_cache"
+        memit targets --hparams "$variant" --data-file "$DATA" --limit "$edits" --bf16 --target-cache "$out/.target_cache"
       fi  # target vectors from the edited model are computed by the chain, batch by batch
       lifelong=(--alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --bf16 --reuse-edits
-        --target-cache "$out/.target_cache" --skip-generation)
-      memit scale "${lifelong[@]}" --sequential-batches 5,10,15,20 --no-generated-answers --out "$out/teacher_forced"
+        --target-cache "$out/.target_cache" --skip-generation --score-interval "$score_interval")
+      memit scale "${lifelong[@]}" --sequential-batches "$quarters" --no-generated-answers --out "$out/teacher_forced"
       mkdir -p "$out/answers"
       ln -sfn ../teacher_forced/.edit_cache "$out/answers/.edit_cache"
-      memit scale "${lifelong[@]}" --sequential-batches 20 --out "$out/answers"
+      memit scale "${lifelong[@]}" --sequential-batches "$((edits / 100))" --out "$out/answers"
     else
       for alg in MEMIT AlphaEdit ROME; do
         memit scale --alg "$alg" --data-file "$DATA" --num-edits 100 --sequential-batches 5,10,15,20 \

@@ -31,10 +31,13 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "lifelong, MEMIT's sequential preset with generated answers": "memit_sequential_answers",
          # paper_scale.sh lifelong-bf16 with VARIANT=docs/evaluation/..._edited_targets_lambda3000.json OUT=results/lifelong_edited_l3000
          "lifelong, edited-model targets, corpus weight 3,000": "lifelong_edited_l3000/teacher_forced",
-         "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers"}
+         "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers",
+         # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=5 OUT=results/lifelong_10k
+         "lifelong, MEMIT's sequential preset, 10,000 edits, every 5th scored": "lifelong_10k/teacher_forced",
+         "lifelong, MEMIT's sequential preset, 10,000 edits, every 5th scored, generated answers": "lifelong_10k/answers"}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
-AGE_BLOCK = 500  # edits per block of the sequential runs' success by age
+AGE_BLOCK = 500  # edits per block of the sequential runs' success by age (chains of up to 2,000 edits)
 
 
 def planned_cases(params: dict) -> int:
@@ -112,21 +115,26 @@ def capacity_table(summaries: list[RunSummary]) -> str:
     return markdown_table(rows)
 
 
-def success_by_age(summary: RunSummary) -> list[list[float] | None]:
-    """Mean efficacy and paraphrase success of the edits of each block of ``AGE_BLOCK``, oldest
+def age_block(longest_chain: int) -> int:
+    """Edits per block of success by age: ``AGE_BLOCK``, or a quarter of a longer chain."""
+    return max(AGE_BLOCK, longest_chain // 4)
+
+
+def success_by_age(summary: RunSummary, size: int) -> list[list[float] | None]:
+    """Mean efficacy and paraphrase success of the edits of each block of ``size``, oldest
     first: whether a sequential method loses its old edits or fails to write new ones."""
     # A case's age: its place in the order its group was edited.
     aged = [(r["grouped_case_ids"].index(r["case_id"]), r["post"]) for r in load_case_records(summary.run_dir)]
     blocks = []
-    for b in range(0, edits_so_far(summary), AGE_BLOCK):
-        mine = [post for age, post in aged if b <= age < b + AGE_BLOCK]
+    for b in range(0, edits_so_far(summary), size):
+        mine = [post for age, post in aged if b <= age < b + size]
         blocks.append([statistics.fmean(p[k] for p in mine) for k in ("efficacy_success", "paraphrase_success")] if mine else None)
     return blocks
 
 
 def age_table(summaries: list[RunSummary], ages: list[list[list[float] | None]]) -> str:
-    longest = max(len(a) for a in ages)
-    head = ["method", "edits so far", *(f"edits {b * AGE_BLOCK + 1:,}-{(b + 1) * AGE_BLOCK:,}" for b in range(longest))]
+    longest, size = max(len(a) for a in ages), age_block(max(edits_so_far(s) for s in summaries))
+    head = ["method", "edits so far", *(f"edits {b * size + 1:,}-{(b + 1) * size:,}" for b in range(longest))]
     rows = [head, ["---", "---:", *["---:"] * longest]]
     for s, blocks in zip(summaries, ages):
         cells = [" / ".join(f"{100 * v:.1f}" for v in block) if block else "" for block in blocks]
@@ -143,8 +151,10 @@ def update_archive(archive: dict, results: Path) -> None:
     and the target-vector cache's cost once the cache holds at least as many vectors."""
     for folder in PARTS.values():
         sequential = folder != PARTS["scaling"]
-        for s in finished_runs(results / folder):
-            archive["runs"][run_key(folder, s)] = {"summary": s.to_record(), "by_age": success_by_age(s) if sequential else None}
+        runs = finished_runs(results / folder)
+        size = age_block(max((edits_so_far(s) for s in runs), default=0))
+        for s in runs:
+            archive["runs"][run_key(folder, s)] = {"summary": s.to_record(), "by_age": success_by_age(s, size) if sequential else None}
     cost = cache_cost(results / PARTS["scaling"] / TARGET_CACHE)
     if sum(count for count, _ in cost.values()) >= sum(c["count"] for c in archive["target_cache"].values()):
         archive["target_cache"] = {device: {"count": count, "seconds": seconds} for device, (count, seconds) in cost.items()}

@@ -114,3 +114,24 @@ def test_layer_outside_the_model_is_named():
     layout = ModelLayout.from_model(tiny("llama_tied"))
     with pytest.raises(ValueError, match=r"layers: layer\(s\) \[7\] outside this model's 0..3"):
         layout.check_layers([1, 7])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("budget_bytes", [2**30, 0])
+def test_keys_across_edits_equal_keys_computed_from_the_embeddings(name, budget_bytes, default_model):
+    """Resuming from the residual stream kept below the last layer read gives the keys of a
+    whole forward pass, bit for bit, after each layer's weights have changed."""
+    from memit.editing.keys import KeysAcrossEdits, compute_keys
+    from memit.requests import parse_requests
+
+    _, tok = default_model
+    model = tiny(name)
+    layout = ModelLayout.from_model(model)
+    requests = parse_requests([REQUEST, {**REQUEST, "subject": "Serena Williams"}])
+    templates = [["{}"], ["The news. {}", "In short, {}"]]
+    reader = KeysAcrossEdits(model, tok, layout, requests, templates, budget_bytes=budget_bytes, batch_size=4)
+    for layer in (1, 3, 2):  # 2 after 3: read again from the embeddings
+        keys = reader.at(layer)
+        assert torch.equal(keys, compute_keys(model, tok, layout, requests, layer, templates))
+        with torch.no_grad():
+            layout.mlp_out(model, layer).weight.add_(torch.randn_like(layout.mlp_out(model, layer).weight))

@@ -247,6 +247,29 @@ def test_generation_interval_scores_fluency_on_every_nth_case(default_model, fas
         RunConfig(generation_interval=0)
 
 
+def test_score_interval_edits_every_case_and_scores_every_nth(default_model, fast_hparams, tmp_path):
+    """A long sequential run scored on a sample: all three batches are edited, the first and
+    third case scored, and the finished run is complete (continuing it edits nothing)."""
+    from memit.evaluation.summary import format_table
+
+    model, tok = default_model
+    edits: list = []
+    config = RunConfig(dataset="cf-mend", data_file=str(CF_MEND), num_edits=1, sequential_batches=3, limit=3, score_interval=2,
+                       out=str(tmp_path), skip_generation=True, generated_answers=False)
+    run_dir = run_evaluation(config, model, tok, fast_hparams, hooks=RunHooks(on_edit=lambda b: edits.append(b[0].case_id)))
+    records = {r["case_id"]: r for r in (json.loads(f.read_text()) for f in run_dir.glob("case_*.json"))}
+    assert len(edits) == 3
+    assert sorted(records) == sorted([edits[0], edits[2]])
+    assert all(r["grouped_case_ids"] == edits for r in records.values())
+    summary = summarize_run(run_dir)
+    assert summary.num_cases == 2 and "unfinished" not in format_table(summary)
+    run_evaluation(dataclasses.replace(config, continue_from_run=str(run_dir)), model, tok, fast_hparams,
+                   hooks=RunHooks(on_edit=lambda b: edits.append(b[0].case_id)))
+    assert len(edits) == 3
+    with pytest.raises(RunError, match="score_interval"):
+        RunConfig(score_interval=0)
+
+
 def test_sequential_checkpoints_reuse_the_earlier_batches(default_model, fast_hparams, tmp_path):
     """`memit scale --sequential-batches 1,2`: the second checkpoint reloads the first batch
     from the edit cache and adds one; a plot of edits so far is written."""

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.base import EditOptions
 from memit.editing.context import ContextTemplates, get_context_templates
 from memit.editing.hparams import CovarianceParams, ZOptimizationParams
-from memit.editing.keys import compute_keys, layer_outputs_at_subject
+from memit.editing.keys import KeysAcrossEdits, layer_outputs_at_subject
 from memit.editing.targets import TargetVectors, compute_targets
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
@@ -89,11 +89,12 @@ def write_over_layers(
     deltas: dict[str, torch.Tensor] = {}
     fit = {} if fit is None else fit
     whole_change = 0.0
+    key_reader = KeysAcrossEdits(model, tok, layout, requests, templates)
     with restored_weights(model, [layout.weight_name(layer) for layer in layers]):
         for i, layer in enumerate(progress(layers, desc="writing layers", unit="layers", leave=False)):
             weight = layout.mlp_out(model, layer).weight
             solve_on = float64_device(weight.device)
-            keys = compute_keys(model, tok, layout, requests, layer, templates).to(solve_on).double()
+            keys = key_reader.at(layer).to(solve_on).double()
             current = layer_outputs_at_subject(model, tok, layout, requests, z_layer).to(solve_on).double()
             residual = (targets.to(solve_on) - current) / (len(layers) - i)
             residual_norm = float(residual.norm())

@@ -1,15 +1,17 @@
 """Hidden vectors at the subject's last token: MLP keys and layer outputs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates
-from memit.editing.prompts import tokenize_prompts
+from memit.editing.prompts import PromptBatch, tokenize_prompts
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
 from memit.utils import distributed
-from memit.utils.hooks import run_and_capture
+from memit.utils.hooks import run_and_capture, skip_layers_below
 from memit.utils.progress import progress
 
 
@@ -90,6 +92,64 @@ def compute_keys_at(
 
     keys = distributed.rows_by_shard(requests, keys_of)
     return {layer: keys[:, i].contiguous() for i, layer in enumerate(layers)}
+
+
+class KeysAcrossEdits:
+    """Each request's key (as `compute_keys`) at increasing layers of one edit, where every layer
+    is changed once its keys are read: the residual stream entering the last layer read is kept,
+    so the next layer's keys compute only the layers from there up instead of every layer below
+    (MEMIT's five layers: 13 layer passes instead of 35), with the same result. The kept
+    residuals are at most ``budget_bytes`` (beyond it each layer's keys are computed from the
+    embeddings); in a torch.distributed group each process keeps those of its share."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        layout: ModelLayout,
+        requests: list[EditRequest],
+        context_templates: ContextTemplates,
+        budget_bytes: int = 2**30,
+        batch_size: int = 64,
+    ):
+        self.model, self.tok, self.layout, self.requests = model, tok, layout, requests
+        self.context_templates, self.budget_bytes, self.batch_size = context_templates, budget_bytes, batch_size
+        self._batches: list[PromptBatch] = []
+        self._kept: list[torch.Tensor] = []
+        self._resume_at: int | None = None  # the layer whose input ``_kept`` holds
+        self._tuple_output = False
+
+    def at(self, layer: int) -> torch.Tensor:
+        """The keys at ``layer`` (above every layer read before), one row per request."""
+        if self._resume_at is not None and layer <= self._resume_at:  # not above the last: start from the embeddings
+            self._kept, self._resume_at = [], None
+        return distributed.rows_by_shard(self.requests, lambda share: self._keys_of(share, layer))
+
+    def _keys_of(self, share: list[EditRequest], layer: int) -> torch.Tensor:
+        if not self._batches:
+            flat = [(c.replace("{}", r.prompt, 1), r.subject) for r in share for group in self.context_templates for c in group]
+            self._batches = [tokenize_prompts(self.tok, [t for t, _ in flat[i : i + self.batch_size]], [s for _, s in flat[i : i + self.batch_size]])
+                             for i in range(0, len(flat), self.batch_size)]
+        name, below = self.layout.mlp_out_name(layer), self.layout.layer_name(layer - 1) if layer > 0 else None
+        layers = self.model.get_submodule(self.layout.layer_tmp.removesuffix(".{}"))
+        rows, kept, kept_bytes = [], [], 0
+        for i, batch in enumerate(progress(self._batches, desc="keys", unit="batches", disable=len(self._batches) < 16, leave=False)):
+            with contextlib.ExitStack() as stack, torch.no_grad():
+                if self._resume_at is not None:
+                    stack.enter_context(skip_layers_below(layers, self._resume_at - 1, lambda i=i: self._kept[i], self._tuple_output))
+                elif below is not None:  # what a layer standing in for it must return: a tuple (older transformers) or a tensor
+                    handle = layers[layer - 1].register_forward_hook(lambda m, a, out: setattr(self, "_tuple_output", isinstance(out, tuple)))
+                    stack.callback(handle.remove)
+                inputs, outputs = run_and_capture(self.model, batch.model_inputs(self.model.device), inputs_of=[name],
+                                                  outputs_of=[below] if below else [], stop_after=name)
+            hidden = inputs[name]
+            rows.append(hidden[torch.arange(len(hidden)), batch.subject_positions.to(hidden.device)])
+            if below is not None and kept_bytes <= self.budget_bytes:
+                kept.append(outputs[below])
+                kept_bytes += outputs[below].numel() * outputs[below].element_size()
+        fits = below is not None and kept_bytes <= self.budget_bytes
+        self._kept, self._resume_at = (kept, layer) if fits else ([], None)
+        return _average_over_templates(torch.cat(rows), len(share), self.context_templates)
 
 
 def _average_over_templates(vectors: torch.Tensor, n_requests: int, context_templates: ContextTemplates) -> torch.Tensor:

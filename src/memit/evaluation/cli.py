@@ -28,6 +28,8 @@ def _run_options(func):
         click.option("--generation-tokens", default=100, show_default=True, help="Tokens generated per generation prompt."),
         click.option("--generation-interval", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Fluency and consistency on every N-th case only (cheaper large runs)."),
+        click.option("--score-interval", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Score every N-th case only, evenly spaced; every case is still edited (long sequential runs)."),
         click.option("--generated-answers/--no-generated-answers", default=True, show_default=True,
                      help="Greedy answers to every question judged against the targets (gen_* metrics)."),
         click.option("--answer-tokens", default=DEFAULT_ANSWER_TOKENS, show_default=True, help="Most tokens of a generated answer."),
@@ -52,7 +54,7 @@ def _dataset(dataset: str | None, data_file: str | None) -> str | None:
 @edit_options
 @model_options
 def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
-             generation_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
+             generation_interval, score_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, sequential_batches, limit, continue_from_run, load, **edit_opts):
     """Edit cases of a data set NUM_EDITS at a time and score each before and after."""
     from memit.evaluation.runner import RunConfig, RunHooks, run_evaluation
     from memit.evaluation.summary import format_table, summarize_run
@@ -62,7 +64,7 @@ def evaluate(alg, model_name, dataset, data_file, data_dir, hparams, chat_templa
         alg=alg, model=model_name, dataset=_dataset(dataset, data_file), data_file=data_file, data_dir=data_dir,
         num_edits=num_edits, sequential_batches=sequential_batches, limit=limit, hparams=hparams,
         chat_template=chat_template, skip_generation=skip_generation, generation_tokens=generation_tokens,
-        generation_interval=generation_interval, generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out,
+        generation_interval=generation_interval, score_interval=score_interval, generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out,
         continue_from_run=continue_from_run, **load,
     )
     start = time.perf_counter()
@@ -115,7 +117,7 @@ def summarize(run_dirs, as_json, compare, plot_path):
 @edit_options
 @model_options
 def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template, skip_generation, generation_tokens,
-          generation_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, checkpoints, min_cases, plot_path, load,
+          generation_interval, score_interval, generated_answers, answer_tokens, reuse_edits, out, num_edits, checkpoints, min_cases, plot_path, load,
           **edit_opts):
     """Run (or reuse) one evaluation per batch size (or per sequential checkpoint) and plot the metrics against the edits."""
     from memit.evaluation.datasets import load_cases
@@ -142,7 +144,7 @@ def scale(alg, model_name, dataset, data_file, data_dir, hparams, chat_template,
         dataset = load_cases(None, data_file)[0]
     base = RunConfig(alg=alg, model=model_name, dataset=dataset, data_file=data_file, data_dir=data_dir, hparams=hparams,
                      chat_template=chat_template, skip_generation=skip_generation, generation_tokens=generation_tokens,
-                     generation_interval=generation_interval, generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out, **load)
+                     generation_interval=generation_interval, score_interval=score_interval, generated_answers=generated_answers, answer_tokens=answer_tokens, reuse_edits=reuse_edits, out=out, **load)
     model, tok = load_model(model_name, **load)
     options = edit_options_from(**edit_opts)
     if ks:

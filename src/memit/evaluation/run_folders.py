@@ -30,6 +30,7 @@ _RUN = re.compile(r"run_(\d+)$")
 RUN_IDENTITY = (
     "alg", "model", "dtype", "dataset", "data_file", "num_edits", "sequential_batches", "limit",
     "chat_template", "skip_generation", "generation_tokens", "generation_interval", "generated_answers", "answer_tokens",
+    "score_interval",
 )
 
 
@@ -65,6 +66,9 @@ class RunConfig:
     # Short greedy answers judged against the targets (the gen_* metrics).
     generated_answers: bool = True
     answer_tokens: int = DEFAULT_ANSWER_TOKENS
+    # Score every N-th case only; every case is still edited. Evenly spaced, so a sequential
+    # run's sample holds edits of every age.
+    score_interval: int = 1
     # Keep each batch's weight changes under <out>/.edit_cache and reuse them in any run that
     # makes the same edit (e.g. the same edits scored with and without the chat template).
     reuse_edits: bool = False
@@ -83,6 +87,8 @@ class RunConfig:
             raise RunError(f"sequential_batches: must be at least 1, got {self.sequential_batches}")
         if self.generation_interval < 1:
             raise RunError(f"generation_interval: must be at least 1, got {self.generation_interval}")
+        if self.score_interval < 1:
+            raise RunError(f"score_interval: must be at least 1, got {self.score_interval}")
         if self.limit is not None and self.limit < 1:
             raise RunError(f"limit: must be at least 1, got {self.limit}")
         if self.answer_tokens < 1:

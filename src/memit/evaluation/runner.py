@@ -166,29 +166,31 @@ def run_evaluation(
     run_dir = start_run(run_dir, config, hparams, {
         "options": dataclasses.asdict(options), "model_name": getattr(model.config, "_name_or_path", ""),
         "skipped_case_ids": skipped, "merged_subject_case_ids": merged_subject_case_ids(cases, tok),
-        "planned_cases": len(cases), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "planned_cases": len(cases[:: config.score_interval]), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     if hooks.on_start:
         hooks.on_start(run_dir)
     # One editor for the whole run, so that what it derives from the statistics is reused.
     editor = get_editor_class(config.alg)(hparams, options)
     spec = _run_spec(config)
+    scored = cases[:: config.score_interval]
     scoring = Scoring(
         fmt=prompt_format(tok, config.chat_template),
         generation_tokens=config.generation_tokens,
         answer_tokens=config.answer_limit,
-        generation_cases=frozenset(c.case_id for c in cases[:: config.generation_interval]) if config.generation_interval > 1 else None,
+        generation_cases=frozenset(c.case_id for c in scored[:: config.generation_interval]) if config.generation_interval > 1 else None,
     )
-    if not config.skip_generation and any(has_generation(c, spec, scoring) for c in cases):
+    if not config.skip_generation and any(has_generation(c, spec, scoring) for c in scored):
         scoring.generation = GenerationResources.load(folder, lambda: editor.corpus(model, tok))
     pre_cache = pre_cache_dir(config, model, scoring.generation is not None)
     group_size = config.num_edits * config.sequential_batches
     distributed.barrier()  # every process sees the same finished cases
-    todo = [g for g in in_groups(cases, group_size) if any(not case_file(run_dir, c).is_file() for c in g)]
-    log.info("%s: %d cases, %d already done, %d groups of up to %d edits to run",
-             run_dir, len(cases), sum(case_file(run_dir, c).is_file() for c in cases), len(todo), group_size)
+    to_score = {c.case_id for c in scored if not case_file(run_dir, c).is_file()}
+    todo = [g for g in in_groups(cases, group_size) if any(c.case_id in to_score for c in g)]
+    log.info("%s: %d cases to score, %d already done, %d groups of up to %d edits to run",
+             run_dir, len(scored), len(scored) - len(to_score), len(todo), group_size)
     for group in progress(todo, desc=f"evaluate {run_dir.name}", unit="groups", logger=log):
-        _run_group(model, tok, editor, config, run_dir, group, scoring, hooks, pre_cache)
+        _run_group(model, tok, editor, config, run_dir, group, [c for c in group if c.case_id in to_score], scoring, hooks, pre_cache)
     distributed.barrier()
     if distributed.is_main():
         shutil.rmtree(run_dir / ".deltas", ignore_errors=True)  # leftovers of groups finished before an interruption
@@ -202,14 +204,16 @@ def _run_group(
     config: RunConfig,
     run_dir: Path,
     group: list[Case],
+    to_score: list[Case],
     scoring: Scoring,
     hooks: RunHooks,
     pre_cache: Path | None = None,
 ) -> None:
-    """Pre metrics of the unfinished cases, K sequential edits, post metrics, files, revert.
-    In a torch.distributed group every process makes the edits and scores its share of the cases."""
+    """Pre metrics of the cases ``to_score``, the group's K sequential edits, post metrics, files,
+    revert. In a torch.distributed group every process makes the edits and scores its share of
+    the cases."""
     spec = _run_spec(config)
-    pending = distributed.shard([c for c in group if not case_file(run_dir, c).is_file()], heavy=lambda c: has_generation(c, spec, scoring))
+    pending = distributed.shard(to_score, heavy=lambda c: has_generation(c, spec, scoring))
     start = time.perf_counter()
     pre = _pre_metrics(model, tok, pending, scoring, config, pre_cache)
     pre_seconds = time.perf_counter() - start
