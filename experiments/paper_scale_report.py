@@ -32,9 +32,9 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          # paper_scale.sh lifelong-bf16 with VARIANT=docs/evaluation/..._edited_targets_lambda3000.json OUT=results/lifelong_edited_l3000
          "lifelong, edited-model targets, corpus weight 3,000": "lifelong_edited_l3000/teacher_forced",
          "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers",
-         # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=5 OUT=results/lifelong_10k
-         "lifelong, MEMIT's sequential preset, 10,000 edits, every 5th scored": "lifelong_10k/teacher_forced",
-         "lifelong, MEMIT's sequential preset, 10,000 edits, every 5th scored, generated answers": "lifelong_10k/answers"}
+         # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=10 OUT=results/lifelong_10k
+         "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored": "lifelong_10k/teacher_forced",
+         "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers"}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age (chains of up to 2,000 edits)
