@@ -93,4 +93,4 @@ def test_a_large_memit_edit_logs_its_layers_and_key_batches(tiny_model, tmp_path
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("memit.editing")]
     assert any(line.startswith("writing layers: 1/2 layers (50%)") for line in lines), lines
     # 100 requests x 11 templates = 1,100 prompts in batches of 64.
-    assert any(line.startswith("vectors at the subject: 9/18 batches") for line in lines), lines
+    assert any(line.startswith("keys: 9/18 batches") for line in lines), lines
