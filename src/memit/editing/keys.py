@@ -86,7 +86,7 @@ def compute_keys_at(
     names = [layout.mlp_out_name(layer) for layer in layers]
 
     def keys_of(share: list[EditRequest]) -> torch.Tensor:
-        flat = [(c.replace("{}", r.prompt, 1), r.subject) for r in share for group in context_templates for c in group]
+        flat = _templated(share, context_templates)
         vectors = vectors_at_subject_many(model, tok, [t for t, _ in flat], [s for _, s in flat], names, "input")
         return torch.stack([_average_over_templates(vectors[name], len(share), context_templates) for name in names], 1)
 
@@ -127,7 +127,7 @@ class KeysAcrossEdits:
 
     def _keys_of(self, share: list[EditRequest], layer: int) -> torch.Tensor:
         if not self._batches:
-            flat = [(c.replace("{}", r.prompt, 1), r.subject) for r in share for group in self.context_templates for c in group]
+            flat = _templated(share, self.context_templates)
             self._batches = [tokenize_prompts(self.tok, [t for t, _ in flat[i : i + self.batch_size]], [s for _, s in flat[i : i + self.batch_size]])
                              for i in range(0, len(flat), self.batch_size)]
         name, below = self.layout.mlp_out_name(layer), self.layout.layer_name(layer - 1) if layer > 0 else None
@@ -150,6 +150,11 @@ class KeysAcrossEdits:
         fits = below is not None and kept_bytes <= self.budget_bytes
         self._kept, self._resume_at = (kept, layer) if fits else ([], None)
         return _average_over_templates(torch.cat(rows), len(share), self.context_templates)
+
+
+def _templated(requests: list[EditRequest], context_templates: ContextTemplates) -> list[tuple[str, str]]:
+    """(template, subject) of every request under every context template, request by request."""
+    return [(c.replace("{}", r.prompt, 1), r.subject) for r in requests for group in context_templates for c in group]
 
 
 def _average_over_templates(vectors: torch.Tensor, n_requests: int, context_templates: ContextTemplates) -> torch.Tensor:
