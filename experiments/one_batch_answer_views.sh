@@ -4,8 +4,9 @@
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   [ALGS="MEMIT ROME"] [DATASETS="cf"] [HPARAMS=preset] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
-# HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset.
+#   [ALGS="MEMIT ROME"] [DATASETS="cf"] [HPARAMS=preset] [MODEL=m] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
+# HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset;
+# MODEL (default: the default model) is any --model of memit evaluate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/answer_views}
@@ -28,6 +29,7 @@ for dataset in "${DATASETS[@]}"; do
              --skip-generation --reuse-edits --out "$OUT/$dataset")
       [[ $format == chat ]] && flags+=(--chat-template)
       [[ -n ${HPARAMS:-} ]] && flags+=(--hparams "$HPARAMS")
+      [[ -n ${MODEL:-} ]] && flags+=(--model "$MODEL")
       run=$(run_of "$dataset" "$alg" "$format")
       [[ -n $run ]] && flags+=(--continue-from-run "$run")
       echo "== $dataset $alg $format: $(date -u +%H:%M:%S)"

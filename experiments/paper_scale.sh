@@ -29,7 +29,9 @@
 #            preset's target settings read the lifelong part's target vectors from the default cache.
 #   lifelong-bf16  the same protocol (EDITS edits; every SCORE_INTERVAL-th of them scored, default
 #            all) for the configuration VARIANT (a preset name or JSON file; default
-#            the sequential preset) into OUT (default results/lifelong_bf16), target vectors under
+#            the sequential preset) on MODEL (default: the default model; e.g.
+#            MODEL=qwen2.5-coder-0.5b-instruct VARIANT=qwen2.5-coder-0.5b-instruct-sequential)
+#            into OUT (default results/lifelong_bf16), target vectors under
 #            bfloat16 autocast: computed first, NPROC processes sharing them, into OUT/.target_cache
 #            (target vectors from the unedited model do not depend on the chain), then the chain
 #            reads them; variants with the same target settings share that cache through OUT.
@@ -101,11 +103,12 @@ for part in "${@:-scaling sequential}"; do
     elif [ "$what" = lifelong-bf16 ]; then
       needs_bf16_units lifelong-bf16
       variant=${VARIANT:-SmolLM2-135M-Instruct-sequential}
+      model=${MODEL:-default}
       out=${OUT:-results/lifelong_bf16}
       if .venv/bin/python -c "import sys; from memit.editing.methods import resolve_hparams; sys.exit(not resolve_hparams('MEMIT', sys.argv[1], None).targets_from_unedited)" "$variant"; then
-        memit targets --hparams "$variant" --data-file "$DATA" --limit "$edits" --bf16 --target-cache "$out/.target_cache"
+        memit targets --model "$model" --hparams "$variant" --data-file "$DATA" --limit "$edits" --bf16 --target-cache "$out/.target_cache"
       fi  # target vectors from the edited model are computed by the chain, batch by batch
-      lifelong=(--alg MEMIT --hparams "$variant" --data-file "$DATA" --num-edits 100 --bf16 --reuse-edits
+      lifelong=(--alg MEMIT --model "$model" --hparams "$variant" --data-file "$DATA" --num-edits 100 --bf16 --reuse-edits
         --target-cache "$out/.target_cache" --skip-generation --score-interval "$score_interval")
       memit scale "${lifelong[@]}" --sequential-batches "$quarters" --no-generated-answers --out "$out/teacher_forced"
       mkdir -p "$out/answers"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memit import MEMITHyperParams, edit_model
-from memit.editing.context import get_context_templates
+from memit.editing.context import flatten, get_context_templates
 from memit.editing.hparams import HyperParamsError
 from memit.editing.targets import _build_problem
 from memit.evaluation.datasets.counterfact import parse_counterfact, score_case, success
@@ -50,6 +50,22 @@ def test_the_chat_form_adds_chat_turns_to_the_target_loss(default_model, default
     assert float(raw.seq_weight.sum()) == pytest.approx(1.0) and len(raw.seq_weight) == len(raw_rows)
     # MEMIT reads the current value at the bare raw prompt in every configuration.
     assert texts[int(both.init_seq[0])].endswith("LeBron James plays the sport of")
+
+
+def test_the_chat_context_form_puts_each_context_prefix_inside_the_user_turn(default_model, default_hparams):
+    model, tok = default_model
+    templates = get_context_templates(model, tok, default_hparams.context_template_length_params)
+    prefixes = [t.replace("{}", "") for t in flatten(templates) if t != "{}"]
+    requests = parse_requests([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}])
+    problem = _build_problem(tok, requests, templates, {"raw": 1.0, "chat": 1.0, "chat_context": 2.0})
+    texts = [tok.decode(ids[: int(n)]) for ids, n in zip(problem.batch.input_ids, problem.batch.lengths)]
+    turns = [i for i, text in enumerate(texts) if "<|im_start|>assistant\n" in text]
+    prefixed_turns = [i for i in turns if any(p.strip() and p.strip() in texts[i] for p in prefixes)]
+    # One turn per context template (the bare prompt among them) and the chat form's bare turn.
+    assert len(turns) == len(flatten(templates)) + 1 and len(prefixed_turns) == len(prefixes)
+    assert all("plays the sport of<|im_end|>" in texts[i] for i in turns)
+    assert float(problem.seq_weight[turns].sum()) == pytest.approx(0.75)
+    assert float(problem.seq_weight[prefixed_turns].sum()) == pytest.approx(0.5 * len(prefixes) / len(flatten(templates)))
 
 
 def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(default_model, default_hparams, counterfact_records):

@@ -26,11 +26,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates, flatten
-from memit.editing.hparams import ZOptimizationParams
+from memit.editing.hparams import Z_PROMPT_FORMS, ZOptimizationParams
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.editing.target_cache import TargetCache
 from memit.models.layout import ModelLayout
-from memit.prompt_format import CHAT_NAME, RAW, RAW_NAME, PromptFormat, prompt_format
+from memit.prompt_format import RAW, RAW_NAME, PromptFormat, prompt_format
 from memit.requests import EditRequest
 from memit.utils import distributed
 from memit.utils.compat import cache_from_pairs, cache_pairs, empty_cache, set_attn_implementation
@@ -138,22 +138,31 @@ def _by_suffix_length(tok: PreTrainedTokenizerBase, requests: list[EditRequest])
     return torch.argsort(batch.lengths - batch.subject_positions, stable=True)
 
 
-CHAT_TEMPLATES = ["{}"]
+# Each of the z_prompt_forms: (asked in the chat template, after the context prefixes).
+_FORM_LAYOUT = {"raw": (False, True), "chat": (True, False), "chat_context": (True, True)}
 
 
-def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> list[tuple[PromptFormat, float]]:
-    """The prompt formats a target vector is optimised in, raw first, each with its weight; the
-    chat form is left out (with a warning) for a tokenizer without a chat template."""
+@dataclass(frozen=True)
+class _Form:
+    format: PromptFormat
+    weight: float
+    with_context: bool
+
+
+def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> list[_Form]:
+    """The prompt forms a target vector is optimised in, raw first, each with its weight; the
+    chat forms are left out (with a warning) for a tokenizer without a chat template."""
     forms = []
-    for name in (RAW_NAME, CHAT_NAME):
+    for name in Z_PROMPT_FORMS:
+        chat, with_context = _FORM_LAYOUT[name]
         weight = weights.get(name, 0.0)
         if weight <= 0:
             continue
-        if name == CHAT_NAME and not getattr(tok, "chat_template", None):
+        if chat and not getattr(tok, "chat_template", None):
             _warn_no_chat_template()
             continue
-        forms.append((prompt_format(tok, chat_template=name == CHAT_NAME), weight))
-    return forms or [(RAW, 1.0)]
+        forms.append(_Form(prompt_format(tok, chat_template=chat), weight, with_context))
+    return forms or [_Form(RAW, 1.0, True)]
 
 
 @functools.cache
@@ -169,10 +178,10 @@ def _build_problem(
 ) -> _Problem:
     templates = flatten(context_templates)
     forms = prompt_forms(tok, form_weights or {RAW_NAME: 1.0})
-    total_weight = sum(weight for _, weight in forms)
+    total_weight = sum(form.weight for form in forms)
     texts, subjects, seq_request, seq_weight, seq_targets, init_seq = [], [], [], [], [], []
     for r, request in enumerate(requests):
-        if forms[0][0].is_chat:
+        if forms[0].format.is_chat:
             # init is read on the bare raw prompt, where MEMIT reads the current values too.
             init_seq.append(len(texts))
             texts.append(request.prompt)
@@ -180,19 +189,18 @@ def _build_problem(
             seq_request.append(r)
             seq_weight.append(0.0)
             seq_targets.append([])
-        for form, weight in forms:
-            ids = target_ids(tok, form.continuation(request.target_new))
+        for form in forms:
+            ids = target_ids(tok, form.format.continuation(request.target_new))
             # The prompt is followed by all target tokens but the last; the loss reads each of them.
             prefix_of_target = tok.decode(ids[:-1])
-            if not form.is_chat:
+            if not form.format.is_chat:
                 init_seq.append(len(texts))
-            # A user turn opens the conversation, so the chat form has no context prefixes.
-            form_templates = CHAT_TEMPLATES if form.is_chat else templates
+            form_templates = templates if form.with_context else ["{}"]
             for template in form_templates:
-                texts.append(form.prompt(template.replace("{}", request.prompt, 1)) + prefix_of_target)
+                texts.append(form.format.prompt(template.replace("{}", request.prompt, 1)) + prefix_of_target)
                 subjects.append(request.subject)
                 seq_request.append(r)
-                seq_weight.append(weight / (total_weight * len(form_templates)))
+                seq_weight.append(form.weight / (total_weight * len(form_templates)))
                 seq_targets.append(ids)
     n_rewrite = len(texts)
     for r, request in enumerate(requests):
