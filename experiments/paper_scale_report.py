@@ -34,7 +34,14 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers",
          # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=10 OUT=results/lifelong_10k
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored": "lifelong_10k/teacher_forced",
-         "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers"}
+         "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers",
+         # paper_scale.sh lifelong-bf16 with MODEL=qwen2.5-coder-0.5b-instruct SCORE_INTERVAL=2 and
+         # VARIANT=qwen2.5-coder-0.5b-instruct-sequential OUT=results/qwen_lifelong, or
+         # VARIANT=qwen2.5-coder-0.5b-instruct OUT=results/qwen_lifelong_memit (the paper's MEMIT)
+         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 2nd scored": "qwen_lifelong/teacher_forced",
+         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 2nd scored, generated answers": "qwen_lifelong/answers",
+         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 2nd scored": "qwen_lifelong_memit/teacher_forced",
+         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 2nd scored, generated answers": "qwen_lifelong_memit/answers"}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age (chains of up to 2,000 edits)
@@ -177,6 +184,11 @@ def ablation_table(archive: dict) -> str:
     return markdown_table(rows)
 
 
+def _model_name(summary: RunSummary) -> str:
+    model = summary.params["config"]["model"]
+    return "default model" if model == "default" else model
+
+
 def archived_runs(archive: dict, folder: str) -> list[tuple[RunSummary, list | None]]:
     """The folder's archived runs (summary, success by age), by method then number of edits."""
     runs = [(RunSummary.from_record(run["summary"]), run["by_age"]) for key, run in archive["runs"].items() if key.startswith(f"{folder}/")]
@@ -209,7 +221,7 @@ def main() -> None:
         if part == "scaling":
             print(capacity_table(summaries) + "\n")
             print(cache_saving(summaries, archive["target_cache"]) + "\n")
-        png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"default model, counterfact-edit.json ({part})")
+        png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"{_model_name(summaries[0])}, counterfact-edit.json ({part})")
         print(f"plot: {png}\n")
 
 

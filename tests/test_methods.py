@@ -149,6 +149,12 @@ def test_presets_exist_for_every_method():
     assert ftl.norm_constraint == 5e-4 and ftl.lr == 5e-4 and ftl.num_steps == 25
     ftw = get_editor_class("FT").hparams_class.preset("EleutherAI_gpt-j-6B")
     assert ftw.layers == [21] and ftw.norm_constraint is None and ftw.wd_power_law is not None
+    # Every preset file of every method loads and passes its method's validation.
+    for alg in ALL_METHODS:
+        for name in list_presets(alg):
+            get_editor_class(alg).hparams_class.preset(name).validate()
+    qwen = get_editor_class("MEMIT").hparams_class.preset("qwen2.5-coder-0.5b-instruct-sequential")
+    assert qwen.layers == [2, 3, 4, 5, 6] and qwen.preserve_weight == 1.0 and qwen.targets_from_unedited
 
 
 def test_unknown_method_name_is_rejected(default_model, counterfact_records):
