@@ -35,13 +35,13 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=10 OUT=results/lifelong_10k
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored": "lifelong_10k/teacher_forced",
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers",
-         # paper_scale.sh lifelong-bf16 with MODEL=qwen2.5-coder-0.5b-instruct SCORE_INTERVAL=2 and
+         # paper_scale.sh lifelong-bf16 with MODEL=qwen2.5-coder-0.5b-instruct SCORE_INTERVAL=4 and
          # VARIANT=qwen2.5-coder-0.5b-instruct-sequential OUT=results/qwen_lifelong, or
          # VARIANT=qwen2.5-coder-0.5b-instruct OUT=results/qwen_lifelong_memit (the paper's MEMIT)
-         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 2nd scored": "qwen_lifelong/teacher_forced",
-         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 2nd scored, generated answers": "qwen_lifelong/answers",
-         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 2nd scored": "qwen_lifelong_memit/teacher_forced",
-         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 2nd scored, generated answers": "qwen_lifelong_memit/answers"}
+         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 4th scored": "qwen_lifelong/teacher_forced",
+         "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 4th scored, generated answers": "qwen_lifelong/answers",
+         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored": "qwen_lifelong_memit/teacher_forced",
+         "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored, generated answers": "qwen_lifelong_memit/answers"}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age (chains of up to 2,000 edits)
