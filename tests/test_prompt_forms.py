@@ -13,6 +13,7 @@ from memit.editing.context import flatten, get_context_templates
 from memit.editing.hparams import HyperParamsError
 from memit.editing.targets import _build_problem
 from memit.evaluation.datasets.counterfact import parse_counterfact, score_case, success
+from memit.predict import score_continuations
 from memit.prompt_format import prompt_format
 from memit.requests import parse_requests
 
@@ -20,6 +21,8 @@ BOTH = {"raw": 1.0, "chat": 1.0}
 # Cases of counterfact_subset400.json whose edit with the raw form alone holds in raw prompts
 # but not when the rewrite is asked in the default model's chat template.
 CHAT_MISSES = [7, 16]
+# Questions about those cases that neither the raw nor the chat form makes the edit answer.
+QUESTIONS = {7: "Which continent is {} on?", 16: "Where was {} born?"}
 
 
 def _cases(records, indices):
@@ -68,16 +71,49 @@ def test_the_chat_context_form_puts_each_context_prefix_inside_the_user_turn(def
     assert float(problem.seq_weight[prefixed_turns].sum()) == pytest.approx(0.5 * len(prefixes) / len(flatten(templates)))
 
 
+def test_the_question_form_asks_each_of_the_requests_questions_and_skips_requests_without(default_model, default_hparams):
+    model, tok = default_model
+    templates = get_context_templates(model, tok, default_hparams.context_template_length_params)
+    requests = parse_requests([
+        {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"},
+         "questions": ["What sport does {} play?", "Which sport is {} known for?"]},
+        {"prompt": "{} plays the sport of", "subject": "Serena Williams", "target_new": {"str": "golf"}},
+    ])
+    problem = _build_problem(tok, requests, templates, {"raw": 1.0, "question": 1.0})
+    texts = [tok.decode(ids[: int(n)]) for ids, n in zip(problem.batch.input_ids, problem.batch.lengths)]
+    asked = [i for i, text in enumerate(texts) if "<|im_start|>assistant\n" in text]
+    assert [texts[i].split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for i in asked] == [
+        "What sport does LeBron James play?", "Which sport is LeBron James known for?"]
+    assert all(int(problem.seq_request[i]) == 0 for i in asked)
+    # Each request's loss sums to one: half the first's is its questions; the second has only the raw form.
+    by_request = [float(problem.seq_weight[problem.seq_request[: len(problem.seq_weight)] == r].sum()) for r in (0, 1)]
+    assert by_request == pytest.approx([1.0, 1.0])
+    assert float(problem.seq_weight[asked].sum()) == pytest.approx(0.5)
+
+
+def _question_success(model, tok, requests) -> list[bool]:
+    """The new target more likely than the true one at the start of the answer to each
+    request's question, asked in the chat template."""
+    fmt = prompt_format(tok, chat_template=True)
+    wins = []
+    for request in requests:
+        prompt = fmt.prompt(request.questions[0].replace("{}", request.subject))
+        new, true = score_continuations(model, tok, [prompt, prompt], [fmt.continuation(request.target_new), fmt.continuation(request.target_true)])
+        wins.append(new.mean_nll < true.mean_nll)
+    return wins
+
+
 def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(default_model, default_hparams, counterfact_records):
     model, tok = default_model
     cases = _cases(counterfact_records, CHAT_MISSES)
-    requests = [case.request for case in cases]
+    requests = [dataclasses.replace(case.request, questions=(QUESTIONS[i],)) for i, case in zip(CHAT_MISSES, cases)]
     chat_hparams = MEMITHyperParams.preset("SmolLM2-135M-Instruct-chat")
     chat_hparams.mom2_n_samples = default_hparams.mom2_n_samples
     assert chat_hparams.z_prompt_forms == {"raw": 1.0, "chat": 2.0}
     raw_only = edit_model(model, tok, requests, dataclasses.replace(chat_hparams, z_prompt_forms={"raw": 1.0}))
     try:
         assert _chat_success(model, tok, cases) == [0.0] * len(cases)
+        assert _question_success(model, tok, requests) == [False] * len(cases)
     finally:
         raw_only.revert(model)
     both = edit_model(model, tok, requests, chat_hparams)
@@ -85,8 +121,15 @@ def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(defau
         assert _chat_success(model, tok, cases) == [1.0] * len(cases)
         raw = prompt_format(tok, chat_template=False)
         assert all(success(score_case(model, tok, case, raw)["efficacy"], true_wins=False) == 1.0 for case in cases)
+        assert _question_success(model, tok, requests) == [False] * len(cases)
     finally:
         both.revert(model)
+    # Trained on the requests' own questions, the edits answer them.
+    asked = edit_model(model, tok, requests, dataclasses.replace(chat_hparams, z_prompt_forms={"raw": 1.0, "question": 2.0}))
+    try:
+        assert _question_success(model, tok, requests) == [True] * len(cases)
+    finally:
+        asked.revert(model)
 
 
 def test_a_tokenizer_without_a_chat_template_keeps_the_raw_form(default_model, default_hparams):

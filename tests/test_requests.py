@@ -60,11 +60,20 @@ def test_counterfact_record_is_accepted(counterfact_records):
         ({"target_new": {"str": ""}}, "request 1: field 'target_new' is empty"),
         ({"target_new": {"text": "x"}}, "request 1: field 'target_new' needs a 'str' entry"),
         ({"target_new": 3}, "request 1: field 'target_new' must be a string"),
+        ({"questions": "What sport does {} play?"}, "request 1: field 'questions' must be a list of strings"),
+        ({"questions": ["What sport does he play?"]}, r"request 1: field 'questions\[0\]' must be a string with one '{}'"),
     ],
 )
 def test_bad_request_names_index_and_field(change, message):
     with pytest.raises(RequestError, match=message.replace("{", r"\{").replace("}", r"\}")):
         parse_requests([GOOD, {**GOOD, "subject": "Other", **change}])
+
+
+def test_questions_are_kept_and_written_back():
+    request = parse_requests([{**GOOD, "questions": ["What sport does {} play?"]}])[0]
+    assert request.questions == ("What sport does {} play?",)
+    assert parse_requests([request.to_dict()])[0] == request
+    assert "questions" not in parse_requests([GOOD])[0].to_dict()
 
 
 def test_missing_field_is_named():

@@ -20,13 +20,16 @@ class RequestError(InputError):
 
 @dataclass(frozen=True)
 class EditRequest:
-    """``prompt`` holds one ``{}`` where ``subject`` goes; targets carry a leading space."""
+    """``prompt`` holds one ``{}`` where ``subject`` goes; targets carry a leading space.
+    ``questions``: other ways the fact will be asked, each with one ``{}`` for the subject
+    ("What sport does {} play?"), for target vectors optimised in the ``question`` form."""
 
     prompt: str
     subject: str
     target_new: str
     target_true: str | None = None
     case_id: int | str | None = None
+    questions: tuple[str, ...] = ()
 
     def filled_prompt(self) -> str:
         """The prompt with the subject in place of ``{}``."""
@@ -39,6 +42,8 @@ class EditRequest:
             out["target_true"] = {"str": self.target_true}
         if self.case_id is not None:
             out["case_id"] = self.case_id
+        if self.questions:
+            out["questions"] = list(self.questions)
         return out
 
 
@@ -59,8 +64,20 @@ def parse_request(raw: Mapping[str, Any] | EditRequest, index: int = 0) -> EditR
         target_new=_target(raw["target_new"], index, "target_new"),
         target_true=None if raw.get("target_true") is None else _target(raw["target_true"], index, "target_true"),
         case_id=raw.get("case_id"),
+        questions=_questions(raw.get("questions"), index),
     )
     return _checked(request, index)
+
+
+def _questions(value: Any, index: int) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise RequestError(f"request {index}: field 'questions' must be a list of strings, got {type(value).__name__}")
+    for j, question in enumerate(value):
+        if not isinstance(question, str) or question.count("{}") != 1:
+            raise RequestError(f"request {index}: field 'questions[{j}]' must be a string with one '{{}}' for the subject, got {question!r}")
+    return tuple(value)
 
 
 def conflict_key(request: EditRequest) -> tuple[str, str]:
@@ -189,6 +206,7 @@ def _checked(request: EditRequest, index: int) -> EditRequest:
         target_new=_with_space(request.target_new),
         target_true=None if request.target_true is None else _with_space(request.target_true),
         case_id=request.case_id,
+        questions=_questions(list(request.questions), index),
     )
 
 

@@ -34,7 +34,7 @@ PAPER_FIELDS_NOT_READ = {
 
 PROVENANCE_KEY = "provenance"
 Z_EARLY_STOPS = ("loss", "most_probable")
-Z_PROMPT_FORMS = ("raw", "chat", "chat_context")
+Z_PROMPT_FORMS = ("raw", "chat", "chat_context", "question")
 
 
 class HyperParamsError(InputError):
@@ -131,7 +131,8 @@ class ZOptimizationParams(HyperParams):
     # of the tokenizer's chat template with the target opening the assistant's answer, so that
     # the edit holds when the model is asked in conversation; "chat_context", the same user turn
     # with the rewrite prompt after each context prefix (as a paraphrase follows a sentence of
-    # other text). A tokenizer without a chat template gets the raw form only.
+    # other text); "question", each of the request's ``questions`` as the user turn (requests
+    # without questions leave it out). A tokenizer without a chat template gets the raw form only.
     z_prompt_forms: dict[str, float] = dataclasses.field(default_factory=lambda: {"raw": 1.0})
     # The paper's module names; taken from the model's architecture when absent.
     rewrite_module_tmp: str | None = None

@@ -79,6 +79,8 @@ class TargetCache:
 
     def path(self, request: EditRequest) -> Path:
         what = {**self.setting, "request": [request.prompt, request.subject, request.target_new]}
+        if request.questions and self.setting["z"].get("z_prompt_forms", {}).get("question"):
+            what["questions"] = list(request.questions)
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
         return self.root / key[:2] / f"{key}.safetensors"
 

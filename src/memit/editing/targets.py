@@ -139,7 +139,7 @@ def _by_suffix_length(tok: PreTrainedTokenizerBase, requests: list[EditRequest])
 
 
 # Each of the z_prompt_forms: (asked in the chat template, after the context prefixes).
-_FORM_LAYOUT = {"raw": (False, True), "chat": (True, False), "chat_context": (True, True)}
+_FORM_LAYOUT = {"raw": (False, True), "chat": (True, False), "chat_context": (True, True), "question": (True, False)}
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,13 @@ class _Form:
     format: PromptFormat
     weight: float
     with_context: bool
+    questions: bool = False  # the request's questions instead of its prompt
+
+    def prompts(self, request: EditRequest, templates: list[str]) -> list[str]:
+        """The prompts (one ``{}`` each) this form asks ``request`` in, before formatting."""
+        if self.questions:
+            return list(request.questions)
+        return [t.replace("{}", request.prompt, 1) for t in (templates if self.with_context else ["{}"])]
 
 
 def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> list[_Form]:
@@ -161,7 +168,7 @@ def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> lis
         if chat and not getattr(tok, "chat_template", None):
             _warn_no_chat_template()
             continue
-        forms.append(_Form(prompt_format(tok, chat_template=chat), weight, with_context))
+        forms.append(_Form(prompt_format(tok, chat_template=chat), weight, with_context, questions=name == "question"))
     return forms or [_Form(RAW, 1.0, True)]
 
 
@@ -178,10 +185,12 @@ def _build_problem(
 ) -> _Problem:
     templates = flatten(context_templates)
     forms = prompt_forms(tok, form_weights or {RAW_NAME: 1.0})
-    total_weight = sum(form.weight for form in forms)
     texts, subjects, seq_request, seq_weight, seq_targets, init_seq = [], [], [], [], [], []
     for r, request in enumerate(requests):
-        if forms[0].format.is_chat:
+        prompts_by_form = [(form, form.prompts(request, templates)) for form in forms]
+        prompts_by_form = [(form, prompts) for form, prompts in prompts_by_form if prompts] or [(_Form(RAW, 1.0, True), templates)]
+        total_weight = sum(form.weight for form, _ in prompts_by_form)
+        if prompts_by_form[0][0].format.is_chat:
             # init is read on the bare raw prompt, where MEMIT reads the current values too.
             init_seq.append(len(texts))
             texts.append(request.prompt)
@@ -189,18 +198,17 @@ def _build_problem(
             seq_request.append(r)
             seq_weight.append(0.0)
             seq_targets.append([])
-        for form in forms:
+        for form, prompts in prompts_by_form:
             ids = target_ids(tok, form.format.continuation(request.target_new))
             # The prompt is followed by all target tokens but the last; the loss reads each of them.
             prefix_of_target = tok.decode(ids[:-1])
             if not form.format.is_chat:
                 init_seq.append(len(texts))
-            form_templates = templates if form.with_context else ["{}"]
-            for template in form_templates:
-                texts.append(form.format.prompt(template.replace("{}", request.prompt, 1)) + prefix_of_target)
+            for prompt in prompts:
+                texts.append(form.format.prompt(prompt) + prefix_of_target)
                 subjects.append(request.subject)
                 seq_request.append(r)
-                seq_weight.append(form.weight / (total_weight * len(form_templates)))
+                seq_weight.append(form.weight / (total_weight * len(prompts)))
                 seq_targets.append(ids)
     n_rewrite = len(texts)
     for r, request in enumerate(requests):
