@@ -42,6 +42,9 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "lifelong, Qwen2.5-Coder-0.5B, MEMIT's sequential preset, every 4th scored, generated answers": "qwen_lifelong/answers",
          "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored": "qwen_lifelong_memit/teacher_forced",
          "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored, generated answers": "qwen_lifelong_memit/answers"}
+# Figures with a line per chain of one method: file name -> (title, line label -> PARTS folder)
+COMPARISONS = {"qwen_sequential": ("qwen2.5-coder-0.5b-instruct, counterfact-edit.json, 2,000 edits in batches of 100",
+                                   {"sequential preset": "qwen_lifelong/teacher_forced", "the paper's MEMIT": "qwen_lifelong_memit/teacher_forced"})}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
 TARGET_CACHE = ".target_cache"  # the scaling curve's, as paper_scale.sh sets it
 AGE_BLOCK = 500  # edits per block of the sequential runs' success by age (chains of up to 2,000 edits)
@@ -223,6 +226,12 @@ def main() -> None:
             print(cache_saving(summaries, archive["target_cache"]) + "\n")
         png = plot_scaling(summaries, args.figures / f"{folder}.png", title=f"{_model_name(summaries[0])}, counterfact-edit.json ({part})")
         print(f"plot: {png}\n")
+    for name, (title, lines) in COMPARISONS.items():
+        runs = {label: [summary for summary, _ in archived_runs(archive, folder)] for label, folder in lines.items()}
+        if all(runs.values()):
+            labels = [label for label, summaries in runs.items() for _ in summaries]
+            png = plot_scaling([s for summaries in runs.values() for s in summaries], args.figures / f"{name}.png", title=title, labels=labels)
+            print(f"## {title}\n\nplot: {png}\n")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,10 @@ def test_methods_share_the_scaling_panels(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [line for line in result.output.splitlines() if line.startswith(("| MEMIT", "| AlphaEdit"))]
     assert len(rows) == 5
+    # Labels name the lines instead of the method: MEMIT's runs split into two settings.
+    labelled = scaling_series([summarize_run(r) for r in runs], labels=["a", "b", "a", "c", "c"])
+    assert labelled["efficacy_success"].keys() == {"a", "b", "c", "unedited"}
+    assert labelled["neighborhood_success"]["a"] == ([10, 100], [70.0, 70.0])
 
 
 def test_neighborhood_answers_compared_with_the_unedited_model(tmp_path):

@@ -105,13 +105,14 @@ def _run_or_continue(config: RunConfig, model: PreTrainedModel, tok: PreTrainedT
 Series = dict[str, dict[str, tuple[list[int], list[float | None]]]]
 
 
-def scaling_series(summaries: list[RunSummary]) -> Series:
+def scaling_series(summaries: list[RunSummary], labels: list[str] | None = None) -> Series:
     """Panel (metric key) -> line (method, or "unedited") -> (edits, values x 100), for the
-    panels of `PANELS` that some run recorded. The unedited line comes from the runs of
-    the method with the most points (the pre-edit scores of their cases)."""
+    panels of `PANELS` that some run recorded. ``labels`` (one per summary) names the lines
+    instead of the method, for runs of one method with different settings. The unedited line
+    comes from the runs of the line with the most points (the pre-edit scores of their cases)."""
     by_method: dict[str, list[RunSummary]] = {}
-    for s in summaries:
-        by_method.setdefault(str(s.params["config"].get("alg")), []).append(s)
+    for i, s in enumerate(summaries):
+        by_method.setdefault(labels[i] if labels else str(s.params["config"].get("alg")), []).append(s)
     for runs in by_method.values():
         runs.sort(key=edits_so_far)
     widest = max(by_method.values(), key=len)
@@ -137,15 +138,15 @@ def scaling_series(summaries: list[RunSummary]) -> Series:
     return series
 
 
-def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "") -> Path:
+def plot_scaling(summaries: list[RunSummary], path: str | Path, title: str = "", labels: list[str] | None = None) -> Path:
     """One panel per metric against the number of edits (log x where they span a decade), a line per method
-    (`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
+    or label (`scaling_series`); runs of several methods (``memit summarize --plot``) share the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = scaling_series(summaries)
+    series = scaling_series(summaries, labels)
     configs = [s.params["config"] for s in summaries]
     sequential = any(c.get("sequential_batches", 1) > 1 for c in configs)
     xlabel = f"edits so far, in batches of {configs[0]['num_edits']}" if sequential else "edits in one batch"
