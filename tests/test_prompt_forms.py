@@ -89,6 +89,11 @@ def test_the_question_form_asks_each_of_the_requests_questions_and_skips_request
     by_request = [float(problem.seq_weight[problem.seq_request[: len(problem.seq_weight)] == r].sum()) for r in (0, 1)]
     assert by_request == pytest.approx([1.0, 1.0])
     assert float(problem.seq_weight[asked].sum()) == pytest.approx(0.5)
+    # With the question form alone, a request without questions is asked in the raw form.
+    alone = _build_problem(tok, requests[1:], templates, {"question": 1.0})
+    texts = [tok.decode(ids[: int(n)]) for ids, n in zip(alone.batch.input_ids, alone.batch.lengths)]
+    rewrites = texts[: len(alone.seq_weight)]
+    assert len(rewrites) == sum(map(len, templates)) and all("Serena Williams plays the sport of" in t for t in rewrites)
 
 
 def _question_success(model, tok, requests) -> list[bool]:

@@ -156,6 +156,9 @@ class _Form:
         return [t.replace("{}", request.prompt, 1) for t in (templates if self.with_context else ["{}"])]
 
 
+_RAW_FORM = _Form(RAW, 1.0, True)
+
+
 def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> list[_Form]:
     """The prompt forms a target vector is optimised in, raw first, each with its weight; the
     chat forms are left out (with a warning) for a tokenizer without a chat template."""
@@ -169,7 +172,7 @@ def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> lis
             _warn_no_chat_template()
             continue
         forms.append(_Form(prompt_format(tok, chat_template=chat), weight, with_context, questions=name == "question"))
-    return forms or [_Form(RAW, 1.0, True)]
+    return forms or [_RAW_FORM]
 
 
 @functools.cache
@@ -187,8 +190,9 @@ def _build_problem(
     forms = prompt_forms(tok, form_weights or {RAW_NAME: 1.0})
     texts, subjects, seq_request, seq_weight, seq_targets, init_seq = [], [], [], [], [], []
     for r, request in enumerate(requests):
-        prompts_by_form = [(form, form.prompts(request, templates)) for form in forms]
-        prompts_by_form = [(form, prompts) for form, prompts in prompts_by_form if prompts] or [(_Form(RAW, 1.0, True), templates)]
+        prompts_by_form = [(form, prompts) for form in forms if (prompts := form.prompts(request, templates))]
+        if not prompts_by_form:  # only the question form, and this request has no questions
+            prompts_by_form = [(_RAW_FORM, _RAW_FORM.prompts(request, templates))]
         total_weight = sum(form.weight for form, _ in prompts_by_form)
         if prompts_by_form[0][0].format.is_chat:
             # init is read on the bare raw prompt, where MEMIT reads the current values too.
