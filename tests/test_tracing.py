@@ -152,6 +152,25 @@ def test_dataset_traces_resume_average_and_plot(tiny, tmp_path):
     assert len(list((out / "heatmaps").glob("*.png"))) == 2
 
 
+def test_a_fact_asked_in_the_chat_template_is_traced_in_the_user_turn(tiny, tmp_path):
+    model, tok, _ = tiny
+    knowns = load_knowns(_knowns_file(tmp_path, model, tok))[:1]
+    out = tmp_path / "chat"
+    trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden",), samples=2, known_only=False, chat_template=True))
+    trace = json.loads((out / "traces" / "0_hidden.json").read_text())
+    user_turn = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    assert trace["prompt"] == user_turn and user_turn.endswith("<|im_start|>assistant\n")
+    start, end = trace["subject_range"]
+    assert "".join(trace["tokens"][start:end]).strip() == SUBJECT
+    # The answer is the model's first token of the reply, read after the whole template.
+    ids = torch.tensor([tok(user_turn)["input_ids"]])
+    assert trace["answer_id"] == int(model(input_ids=ids).logits[0, -1].argmax())
+    assert len(trace["tokens"]) == ids.shape[1]
+    # A folder traced in the chat template is not continued without it.
+    with pytest.raises(InputError, match="other parameters"):
+        trace_dataset(model, tok, knowns, out, TraceConfig(kinds=("hidden",), samples=2, known_only=False))
+
+
 def test_position_rows_cover_every_token():
     trace_tokens = ["The", " E", "iff", "el", " Tower", " is", " in", " the", " city"]
     trace = Trace("p", "s", "hidden", 1, trace_tokens, (1, 5), " Paris", 0, 1.0, 0.0, [])

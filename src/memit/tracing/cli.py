@@ -16,10 +16,11 @@ from memit.cli_options import model_options
 @click.option("--samples", default=10, show_default=True, help="Noise samples per prompt.")
 @click.option("--window", default=10, show_default=True, help="Consecutive layers restored together for mlp and attn.")
 @click.option("--all-facts", is_flag=True, help="Trace every fact, not only those whose attribute the model predicts.")
+@click.option("--chat-template", is_flag=True, help="Ask each fact as a user turn of the model's chat template.")
 @click.option("--plots", default=3, show_default=True, help="Heat maps of this many single facts per kind.")
 @click.option("--out", default="results/trace", show_default=True, type=click.Path(file_okay=False), help="Run folder (continued if it exists).")
 @model_options
-def trace(model_name, data_file, data_dir, limit, kinds, samples, window, all_facts, plots, out, load):
+def trace(model_name, data_file, data_dir, limit, kinds, samples, window, all_facts, chat_template, plots, out, load):
     """Causal tracing: which layers' states carry the facts the model knows."""
     from pathlib import Path
 
@@ -28,7 +29,7 @@ def trace(model_name, data_file, data_dir, limit, kinds, samples, window, all_fa
     from memit.tracing import TraceConfig, load_knowns, summarize_traces, trace_dataset
 
     config = TraceConfig(kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), samples=samples, window=window,
-                         limit=limit, known_only=not all_facts)
+                         limit=limit, known_only=not all_facts, chat_template=chat_template)
     path = Path(data_file) if data_file else default_data_dir(data_dir) / "known_1000.json"
     if not path.is_file():
         raise click.ClickException(f"data file {path} does not exist; run `memit download known` or pass --data-file")

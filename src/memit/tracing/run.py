@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.errors import InputError
 from memit.models.layout import ModelLayout
+from memit.prompt_format import prompt_format
 from memit.tracing.causal_trace import KINDS, Trace, noise_level, trace_prompt
 from memit.utils.io import read_json, write_json
 from memit.utils.paths import child_path, path_component
@@ -51,6 +52,9 @@ class TraceConfig:
     seed: int = 0
     # Trace only facts whose attribute starts with the model's next-token prediction.
     known_only: bool = True
+    # Ask each fact as a user turn of the tokenizer's chat template; the answer is then the
+    # first token of the assistant's reply.
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
@@ -120,9 +124,13 @@ def trace_dataset(
         # A continued folder may trace more or fewer facts and kinds, but each trace the same way.
         free = ("limit", "kinds")
         same = {k: v for k, v in json.loads(json.dumps(params["config"])).items() if k not in free}
-        if {k: v for k, v in stored["config"].items() if k not in free} != same:
+        # Settings added since the folder was made take their defaults.
+        stored_config = {**json.loads(json.dumps(dataclasses.asdict(TraceConfig()))), **stored["config"]}
+        if {k: v for k, v in stored_config.items() if k not in free} != same:
             raise InputError(f"out: {out} holds traces made with other parameters ({stored['config']}); choose another folder")
     layout = ModelLayout.from_model(model)
+    fmt = prompt_format(tok, config.chat_template)
+    knowns = [dataclasses.replace(k, prompt=fmt.prompt(k.prompt)) for k in knowns]
     chosen = known_facts(model, tok, knowns) if config.known_only else knowns
     chosen = chosen[: config.limit] if config.limit is not None else chosen
     if not chosen:
