@@ -4,9 +4,10 @@
 # prompts as written and wrapped in the model's chat template. Each edit is computed once
 # (--reuse-edits: the chat run of a method loads the edit of its raw run) and a killed run
 # continues where it stopped.
-#   [ALGS="MEMIT ROME"] [DATASETS="cf"] [HPARAMS=preset] [MODEL=m] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
+#   [ALGS="MEMIT ROME"] [DATASETS="cf"] [HPARAMS=preset] [MODEL=m] [LIMIT=n] bash experiments/one_batch_answer_views.sh [OUT]   (default results/answer_views)
 # HPARAMS (one preset or file for every method in ALGS) replaces each method's default preset;
-# MODEL (default: the default model) is any --model of memit evaluate.
+# MODEL (default: the default model) is any --model of memit evaluate; LIMIT (default 100) the
+# number of cases, all edited in one batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/answer_views}
@@ -25,7 +26,7 @@ run_of() {
 for dataset in "${DATASETS[@]}"; do
   for alg in "${ALGS[@]}"; do
     for format in raw chat; do
-      flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit 100 --num-edits 100
+      flags=(--alg "$alg" --dataset "$dataset" --data-file "${FILES[$dataset]}" --limit "${LIMIT:-100}" --num-edits "${LIMIT:-100}"
              --skip-generation --reuse-edits --out "$OUT/$dataset")
       [[ $format == chat ]] && flags+=(--chat-template)
       [[ -n ${HPARAMS:-} ]] && flags+=(--hparams "$HPARAMS")
