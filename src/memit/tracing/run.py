@@ -80,14 +80,18 @@ def load_knowns(path: str | os.PathLike) -> list[Known]:
     return knowns
 
 
-def known_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, knowns: list[Known], batch_size: int = 64) -> list[Known]:
-    """The facts whose attribute starts with the model's next-token prediction after the prompt."""
+def known_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, knowns: list[Known], batch_size: int = 64,
+                limit: int | None = None) -> list[Known]:
+    """The facts whose attribute starts with the model's next-token prediction after the prompt
+    (the first ``limit`` of them: the scan stops once they are found)."""
     kept: list[Known] = []
     side = tok.padding_side
     tok.padding_side = "left"  # the last position is then every row's next token
     try:
         batches = range(0, len(knowns), batch_size)
         for start in progress(batches, desc="known facts", unit="batches", logger=log, leave=False):
+            if limit is not None and len(kept) >= limit:
+                break
             chunk = knowns[start : start + batch_size]
             batch = tok([k.prompt for k in chunk], padding=True, return_tensors="pt").to(model.get_input_embeddings().weight.device)
             # Positions count from each row's first real token, as without padding.
@@ -100,7 +104,7 @@ def known_facts(model: PreTrainedModel, tok: PreTrainedTokenizerBase, knowns: li
                     kept.append(known)
     finally:
         tok.padding_side = side
-    return kept
+    return kept[:limit]
 
 
 def trace_file(out: Path, known: Known, kind: str) -> Path:
@@ -131,7 +135,7 @@ def trace_dataset(
     layout = ModelLayout.from_model(model)
     fmt = prompt_format(tok, config.chat_template)
     knowns = [dataclasses.replace(k, prompt=fmt.prompt(k.prompt)) for k in knowns]
-    chosen = known_facts(model, tok, knowns) if config.known_only else knowns
+    chosen = known_facts(model, tok, knowns, limit=config.limit) if config.known_only else knowns
     chosen = chosen[: config.limit] if config.limit is not None else chosen
     if not chosen:
         raise InputError("knowns: the model predicts none of these facts; pass known_only=False to trace them anyway")
