@@ -110,12 +110,13 @@ def scaling_series(summaries: list[RunSummary], labels: list[str] | None = None)
     panels of `PANELS` that some run recorded. ``labels`` (one per summary) names the lines
     instead of the method, for runs of one method with different settings. The unedited line
     comes from the runs of the line with the most points (the pre-edit scores of their cases)."""
-    by_method: dict[str, list[RunSummary]] = {}
-    for i, s in enumerate(summaries):
-        by_method.setdefault(labels[i] if labels else str(s.params["config"].get("alg")), []).append(s)
-    for runs in by_method.values():
+    names = labels or [str(s.params["config"].get("alg")) for s in summaries]
+    by_line: dict[str, list[RunSummary]] = {}
+    for name, s in zip(names, summaries):
+        by_line.setdefault(name, []).append(s)
+    for runs in by_line.values():
         runs.sort(key=edits_so_far)
-    widest = max(by_method.values(), key=len)
+    widest = max(by_line.values(), key=len)
 
     def line(runs: list[RunSummary], phase: str, key: str) -> tuple[list[int], list[float | None]]:
         if key in UPDATE_PANELS:
@@ -128,7 +129,7 @@ def scaling_series(summaries: list[RunSummary], labels: list[str] | None = None)
 
     series: Series = {}
     for key, _ in PANELS:
-        lines = {method: line(runs, "post", key) for method, runs in by_method.items()}
+        lines = {name: line(runs, "post", key) for name, runs in by_line.items()}
         if all(y is None for _, ys in lines.values() for y in ys):
             continue
         pre = line(widest, "pre", key)

@@ -135,8 +135,7 @@ def trace_dataset(
     layout = ModelLayout.from_model(model)
     fmt = prompt_format(tok, config.chat_template)
     knowns = [dataclasses.replace(k, prompt=fmt.prompt(k.prompt)) for k in knowns]
-    chosen = known_facts(model, tok, knowns, limit=config.limit) if config.known_only else knowns
-    chosen = chosen[: config.limit] if config.limit is not None else chosen
+    chosen = (known_facts(model, tok, knowns, limit=config.limit) if config.known_only else knowns)[: config.limit]
     if not chosen:
         raise InputError("knowns: the model predicts none of these facts; pass known_only=False to trace them anyway")
     # The noise scale comes from all the data set's subjects, as the paper's.
