@@ -11,17 +11,21 @@ import torch
 from memit import MEMITHyperParams, edit_model
 from memit.editing.context import flatten, get_context_templates
 from memit.editing.hparams import HyperParamsError
-from memit.editing.targets import _build_problem
-from memit.evaluation.datasets.counterfact import parse_counterfact, score_case, success
+from memit.editing.keys import KeyTemplates, compute_keys, vectors_at_subject
+from memit.editing.targets import _build_problem, key_templates
+from memit.evaluation.datasets.counterfact import magnitude, parse_counterfact, score_case, success
+from memit.models.layout import ModelLayout
 from memit.predict import score_continuations
 from memit.prompt_format import prompt_format
 from memit.requests import parse_requests
+from tests.conftest import TEST_STATS_SAMPLES
 
 BOTH = {"raw": 1.0, "chat": 1.0}
 # Cases of counterfact_subset400.json whose edit with the raw form alone holds in raw prompts
 # but not when the rewrite is asked in the default model's chat template.
 CHAT_MISSES = [7, 16]
-# Questions about those cases that neither the raw nor the chat form makes the edit answer.
+# Questions about those cases that the raw form does not make the edit answer; the chat form
+# (target vectors and keys) answers the first, not the second.
 QUESTIONS = {7: "Which continent is {} on?", 16: "Where was {} born?"}
 
 
@@ -126,7 +130,7 @@ def test_an_edit_trained_in_the_chat_form_holds_when_asked_in_conversation(defau
         assert _chat_success(model, tok, cases) == [1.0] * len(cases)
         raw = prompt_format(tok, chat_template=False)
         assert all(success(score_case(model, tok, case, raw)["efficacy"], true_wins=False) == 1.0 for case in cases)
-        assert _question_success(model, tok, requests) == [False] * len(cases)
+        assert _question_success(model, tok, requests) == [True, False]
     finally:
         both.revert(model)
     # Trained on the requests' own questions, the edits answer them.
@@ -158,3 +162,54 @@ def test_a_tokenizer_without_a_chat_template_keeps_the_raw_form(default_model, d
 def test_prompt_forms_are_validated(default_hparams, forms, message):
     with pytest.raises(HyperParamsError, match=message):
         MEMITHyperParams.from_dict({**default_hparams.to_dict(), "z_prompt_forms": forms})
+
+
+def test_keys_in_prompt_forms_read_each_key_in_the_chat_turn_too(default_model, default_hparams):
+    model, tok = default_model
+    layout = ModelLayout.from_model(model)
+    templates = get_context_templates(model, tok, default_hparams.context_template_length_params)
+    requests = parse_requests([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}])
+    chat_forms = dataclasses.replace(default_hparams, z_prompt_forms={"raw": 1.0, "chat": 2.0})
+    # Off (the default), or with the raw form alone, the keys are the paper's.
+    assert key_templates(tok, templates, chat_forms) == KeyTemplates.of(templates)
+    raw_only = dataclasses.replace(chat_forms, z_prompt_forms={"raw": 1.0}, keys_in_prompt_forms=True)
+    assert key_templates(tok, templates, raw_only) == KeyTemplates.of(templates)
+    both = key_templates(tok, templates, dataclasses.replace(chat_forms, keys_in_prompt_forms=True))
+    chat_prompt = prompt_format(tok, chat_template=True).prompt("{} plays the sport of")
+    assert both.groups[-1] == (prompt_format(tok, chat_template=True).prompt("{}"),)
+    assert both.weights == pytest.approx((1 / 6, 1 / 6, 2 / 3))
+    layer = default_hparams.layers[0]
+    paper = compute_keys(model, tok, layout, requests, layer, templates)[0]
+    chat = vectors_at_subject(model, tok, [chat_prompt], ["LeBron James"], layout.mlp_out_name(layer), "input")[0]
+    assert float(torch.nn.functional.cosine_similarity(paper, chat, dim=0)) < 0.95
+    mixed = compute_keys(model, tok, layout, requests, layer, both)[0]
+    torch.testing.assert_close(mixed, paper / 3 + 2 * chat / 3, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_in_prompt_forms_is_validated(default_hparams):
+    with pytest.raises(HyperParamsError, match="'keys_in_prompt_forms' must be bool"):
+        MEMITHyperParams.from_dict({**default_hparams.to_dict(), "keys_in_prompt_forms": "yes"})
+
+
+def test_keys_read_in_the_chat_turn_make_an_edit_hold_more_in_conversation(default_model, counterfact_records, tmp_path):
+    model, tok = default_model
+    cases = _cases(counterfact_records, [6, 7])
+    chat_hparams = MEMITHyperParams.preset("SmolLM2-135M-Instruct-chat")
+    chat_hparams.mom2_n_samples = TEST_STATS_SAMPLES
+    fmt = prompt_format(tok, chat_template=True)
+    asked = {}
+    for keys_in_forms in (False, True):
+        # The same target vectors (cached): only where the keys are read differs.
+        hparams = dataclasses.replace(chat_hparams, keys_in_prompt_forms=keys_in_forms)
+        deltas = edit_model(model, tok, [case.request for case in cases], hparams, target_cache=str(tmp_path))
+        try:
+            asked[keys_in_forms] = [score_case(model, tok, case, fmt) for case in cases]
+        finally:
+            deltas.revert(model)
+    # One of case 7's two paraphrases, asked in the chat template, holds only with the chat-turn keys.
+    assert [success(s["paraphrase"], true_wins=False) for s in asked[False]] == [1.0, 0.5]
+    assert [success(s["paraphrase"], true_wins=False) for s in asked[True]] == [1.0, 1.0]
+    # And the new target's lead over the true one, P(new) - P(true), grows on both kinds of question.
+    for kind in ("efficacy", "paraphrase"):
+        lead = {on: sum(magnitude(s[kind], true_wins=False) for s in asked[on]) for on in asked}
+        assert lead[True] > lead[False], kind

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from memit.editing.base import EditOptions
 from memit.editing.context import ContextTemplates, get_context_templates
 from memit.editing.hparams import CovarianceParams, ZOptimizationParams
-from memit.editing.keys import KeysAcrossEdits, layer_outputs_at_subject
+from memit.editing.keys import KeysAcrossEdits, KeyTemplates, layer_outputs_at_subject
 from memit.editing.targets import TargetVectors, compute_targets
 from memit.models.layout import ModelLayout
 from memit.requests import EditRequest
@@ -69,7 +69,7 @@ def write_over_layers(
     requests: list[EditRequest],
     layers: list[int],
     targets: torch.Tensor,
-    templates: ContextTemplates,
+    templates: ContextTemplates | KeyTemplates,
     solve: LayerSolver,
     fit: dict[str, float] | None = None,
     keys_out: dict[int, torch.Tensor] | None = None,

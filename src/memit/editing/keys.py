@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -13,6 +14,22 @@ from memit.requests import EditRequest
 from memit.utils import distributed
 from memit.utils.hooks import run_and_capture, skip_layers_below
 from memit.utils.progress import progress
+
+
+@dataclass(frozen=True)
+class KeyTemplates:
+    """The prompts each request's key is read in: groups of templates whose ``{}`` takes the
+    request's prompt, each group averaged, then the group means weighted (weights sum to 1)."""
+
+    groups: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def of(cls, templates: "ContextTemplates | KeyTemplates") -> "KeyTemplates":
+        """``templates`` as they are, or context templates with every group weighted alike (the paper)."""
+        if isinstance(templates, KeyTemplates):
+            return templates
+        return cls(tuple(tuple(group) for group in templates), (1 / len(templates),) * len(templates))
 
 
 def vectors_at_subject(
@@ -65,10 +82,10 @@ def compute_keys(
     layout: ModelLayout,
     requests: list[EditRequest],
     layer: int,
-    context_templates: ContextTemplates,
+    context_templates: ContextTemplates | KeyTemplates,
 ) -> torch.Tensor:
     """Each request's key at ``layer``: the MLP-output-projection input at the subject's last
-    token, averaged within each group of context templates and then across groups."""
+    token, averaged within each group of templates and then across groups (`KeyTemplates`)."""
     return compute_keys_at(model, tok, layout, requests, [layer], context_templates)[layer]
 
 
@@ -78,17 +95,18 @@ def compute_keys_at(
     layout: ModelLayout,
     requests: list[EditRequest],
     layers: list[int],
-    context_templates: ContextTemplates,
+    context_templates: ContextTemplates | KeyTemplates,
 ) -> dict[int, torch.Tensor]:
     """`compute_keys` at several increasing layers, from one pass over the prompts. In a
     torch.distributed group each process computes the keys of its share of the requests (those
     of 3,000 requests under 11 context templates at 5 layers took 0.4 h on one CPU core)."""
     names = [layout.mlp_out_name(layer) for layer in layers]
+    templates = KeyTemplates.of(context_templates)
 
     def keys_of(share: list[EditRequest]) -> torch.Tensor:
-        flat = _templated(share, context_templates)
+        flat = _templated(share, templates)
         vectors = vectors_at_subject_many(model, tok, [t for t, _ in flat], [s for _, s in flat], names, "input")
-        return torch.stack([_average_over_templates(vectors[name], len(share), context_templates) for name in names], 1)
+        return torch.stack([_average_over_templates(vectors[name], len(share), templates) for name in names], 1)
 
     keys = distributed.rows_by_shard(requests, keys_of)
     return {layer: keys[:, i].contiguous() for i, layer in enumerate(layers)}
@@ -108,12 +126,12 @@ class KeysAcrossEdits:
         tok: PreTrainedTokenizerBase,
         layout: ModelLayout,
         requests: list[EditRequest],
-        context_templates: ContextTemplates,
+        context_templates: ContextTemplates | KeyTemplates,
         budget_bytes: int = 2**30,
         batch_size: int = 64,
     ):
         self.model, self.tok, self.layout, self.requests = model, tok, layout, requests
-        self.context_templates, self.budget_bytes, self.batch_size = context_templates, budget_bytes, batch_size
+        self.templates, self.budget_bytes, self.batch_size = KeyTemplates.of(context_templates), budget_bytes, batch_size
         self._batches: list[PromptBatch] = []
         self._kept: list[torch.Tensor] = []
         self._resume_at: int | None = None  # the layer whose input ``_kept`` holds
@@ -127,7 +145,7 @@ class KeysAcrossEdits:
 
     def _keys_of(self, share: list[EditRequest], layer: int) -> torch.Tensor:
         if not self._batches:
-            flat = _templated(share, self.context_templates)
+            flat = _templated(share, self.templates)
             self._batches = [tokenize_prompts(self.tok, [t for t, _ in flat[i : i + self.batch_size]], [s for _, s in flat[i : i + self.batch_size]])
                              for i in range(0, len(flat), self.batch_size)]
         name, below = self.layout.mlp_out_name(layer), self.layout.layer_name(layer - 1) if layer > 0 else None
@@ -149,21 +167,25 @@ class KeysAcrossEdits:
                 kept_bytes += outputs[below].numel() * outputs[below].element_size()
         fits = below is not None and kept_bytes <= self.budget_bytes
         self._kept, self._resume_at = (kept, layer) if fits else ([], None)
-        return _average_over_templates(torch.cat(rows), len(share), self.context_templates)
+        return _average_over_templates(torch.cat(rows), len(share), self.templates)
 
 
-def _templated(requests: list[EditRequest], context_templates: ContextTemplates) -> list[tuple[str, str]]:
-    """(template, subject) of every request under every context template, request by request."""
-    return [(c.replace("{}", r.prompt, 1), r.subject) for r in requests for group in context_templates for c in group]
+def _templated(requests: list[EditRequest], templates: KeyTemplates) -> list[tuple[str, str]]:
+    """(template, subject) of every request under every key template, request by request."""
+    return [(c.replace("{}", r.prompt, 1), r.subject) for r in requests for group in templates.groups for c in group]
 
 
-def _average_over_templates(vectors: torch.Tensor, n_requests: int, context_templates: ContextTemplates) -> torch.Tensor:
+def _average_over_templates(vectors: torch.Tensor, n_requests: int, templates: KeyTemplates) -> torch.Tensor:
     per_request = vectors.view(n_requests, -1, vectors.shape[-1])
     group_means, start = [], 0
-    for group in context_templates:
+    for group in templates.groups:
         group_means.append(per_request[:, start : start + len(group)].float().mean(1))
         start += len(group)
-    return torch.stack(group_means, 1).mean(1)
+    means = torch.stack(group_means, 1)
+    if len(set(templates.weights)) == 1:  # the paper's plain mean, to the last bit
+        return means.mean(1)
+    weights = torch.tensor(templates.weights, dtype=means.dtype, device=means.device)
+    return (means * weights[:, None]).sum(1)
 
 
 def layer_outputs_at_subject(

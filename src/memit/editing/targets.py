@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.editing.context import ContextTemplates, flatten
 from memit.editing.hparams import Z_PROMPT_FORMS, ZOptimizationParams
+from memit.editing.keys import KeyTemplates
 from memit.editing.prompts import PromptBatch, target_ids, tokenize_prompts
 from memit.editing.target_cache import TargetCache
 from memit.models.layout import ModelLayout
@@ -173,6 +174,23 @@ def prompt_forms(tok: PreTrainedTokenizerBase, weights: dict[str, float]) -> lis
             continue
         forms.append(_Form(prompt_format(tok, chat_template=chat), weight, with_context, questions=name == "question"))
     return forms or [_RAW_FORM]
+
+
+def key_templates(tok: PreTrainedTokenizerBase, context_templates: ContextTemplates, hp: ZOptimizationParams) -> KeyTemplates:
+    """Where each request's key is read: after the context templates (the paper), or with
+    ``keys_in_prompt_forms`` in every form of ``z_prompt_forms`` but the questions (which are
+    not the rewrite prompt), each form's weight shared among its groups of templates."""
+    if not hp.keys_in_prompt_forms:
+        return KeyTemplates.of(context_templates)
+    forms = [form for form in prompt_forms(tok, hp.z_prompt_forms) if not form.questions] or [_RAW_FORM]
+    total = sum(form.weight for form in forms)
+    groups, weights = [], []
+    for form in forms:
+        form_groups = context_templates if form.with_context else [["{}"]]
+        for group in form_groups:
+            groups.append(tuple(form.format.prompt(t) for t in group))
+            weights.append(form.weight / total / len(form_groups))
+    return KeyTemplates(tuple(groups), tuple(weights))
 
 
 @functools.cache

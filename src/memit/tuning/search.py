@@ -39,7 +39,7 @@ from memit.editing.base import EditOptions
 from memit.editing.common import applied, context_templates, write_over_layers
 from memit.editing.memit.hparams import MEMITHyperParams
 from memit.editing.memit.main import solve_update
-from memit.editing.targets import compute_targets
+from memit.editing.targets import compute_targets, key_templates
 from memit.errors import InputError
 from memit.evaluation.datasets import CounterFactCase
 from memit.evaluation.datasets.counterfact import GROUPS, score_case, summarize_case
@@ -277,7 +277,8 @@ class _Search:
         def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return solve_update(keys, residual, moments[layer], trial.mom2_update_weight)
 
-        return write_over_layers(self.model, self.tok, self.layout, self.requests, layers, targets, self.templates, solve)
+        keys_at = key_templates(self.tok, self.templates, self.base)
+        return write_over_layers(self.model, self.tok, self.layout, self.requests, layers, targets, keys_at, solve)
 
     def best(self, results: list[TrialResult | None]) -> TrialResult | None:
         found = [r for r in results if r is not None]

@@ -17,7 +17,7 @@ from memit.editing.common import LayerSolver, context_templates, layer_targets, 
 from memit.editing.keys import layer_outputs_at_subject
 from memit.editing.memit.hparams import MEMITHyperParams
 from memit.editing.preserved import earlier_keys_gram, keys_state, unedited_weights
-from memit.editing.targets import TargetVectors
+from memit.editing.targets import TargetVectors, key_templates
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class MEMITEditor(Editor):
             vectors = layer_targets(task.model, task.tok, task.layout, task.requests, hp, templates, self.options)
         targets = self.anchored(task, vectors) if hp.norm_anchor else vectors.target.double()
         return write_over_layers(
-            task.model, task.tok, task.layout, task.requests, hp.layers, targets, templates, solve, task.fit, keys_out=task.keys
+            task.model, task.tok, task.layout, task.requests, hp.layers, targets, key_templates(task.tok, templates, hp), solve,
+            task.fit, keys_out=task.keys
         )
 
     def edit_state(self, task: EditTask) -> dict[str, torch.Tensor]:

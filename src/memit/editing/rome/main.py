@@ -18,7 +18,7 @@ from memit.editing.common import add_deltas, applied, context_templates, second_
 from memit.editing.context import ContextTemplates
 from memit.editing.keys import compute_keys, vectors_at_subject
 from memit.editing.rome.hparams import ROMEHyperParams
-from memit.editing.targets import compute_targets
+from memit.editing.targets import compute_targets, key_templates
 from memit.requests import EditRequest
 from memit.utils.devices import float64_device
 from memit.utils.progress import progress
@@ -63,7 +63,8 @@ class ROMEEditor(Editor):
         """ΔW (out, in) for one request at ``layer`` of the model as it is now."""
         model, tok, layout = task.model, task.tok, task.layout
         solve_on = float64_device(layout.mlp_out(model, layer).weight.device)
-        left = left_vector(compute_keys(model, tok, layout, [request], layer, templates)[0].to(solve_on), moment)
+        keys_at = key_templates(tok, templates, self.hparams)
+        left = left_vector(compute_keys(model, tok, layout, [request], layer, keys_at)[0].to(solve_on), moment)
         name = layout.mlp_out_name(layer)
         key = vectors_at_subject(model, tok, [request.prompt], [request.subject], name, "input")[0].to(solve_on).double()
         # v* − W k: the weight then maps this prompt's key k to v*.
