@@ -82,11 +82,11 @@ def compute_keys(
     layout: ModelLayout,
     requests: list[EditRequest],
     layer: int,
-    context_templates: ContextTemplates | KeyTemplates,
+    templates: ContextTemplates | KeyTemplates,
 ) -> torch.Tensor:
     """Each request's key at ``layer``: the MLP-output-projection input at the subject's last
     token, averaged within each group of templates and then across groups (`KeyTemplates`)."""
-    return compute_keys_at(model, tok, layout, requests, [layer], context_templates)[layer]
+    return compute_keys_at(model, tok, layout, requests, [layer], templates)[layer]
 
 
 def compute_keys_at(
@@ -95,13 +95,13 @@ def compute_keys_at(
     layout: ModelLayout,
     requests: list[EditRequest],
     layers: list[int],
-    context_templates: ContextTemplates | KeyTemplates,
+    templates: ContextTemplates | KeyTemplates,
 ) -> dict[int, torch.Tensor]:
     """`compute_keys` at several increasing layers, from one pass over the prompts. In a
     torch.distributed group each process computes the keys of its share of the requests (those
     of 3,000 requests under 11 context templates at 5 layers took 0.4 h on one CPU core)."""
     names = [layout.mlp_out_name(layer) for layer in layers]
-    templates = KeyTemplates.of(context_templates)
+    templates = KeyTemplates.of(templates)
 
     def keys_of(share: list[EditRequest]) -> torch.Tensor:
         flat = _templated(share, templates)
@@ -126,12 +126,12 @@ class KeysAcrossEdits:
         tok: PreTrainedTokenizerBase,
         layout: ModelLayout,
         requests: list[EditRequest],
-        context_templates: ContextTemplates | KeyTemplates,
+        templates: ContextTemplates | KeyTemplates,
         budget_bytes: int = 2**30,
         batch_size: int = 64,
     ):
         self.model, self.tok, self.layout, self.requests = model, tok, layout, requests
-        self.templates, self.budget_bytes, self.batch_size = KeyTemplates.of(context_templates), budget_bytes, batch_size
+        self.templates, self.budget_bytes, self.batch_size = KeyTemplates.of(templates), budget_bytes, batch_size
         self._batches: list[PromptBatch] = []
         self._kept: list[torch.Tensor] = []
         self._resume_at: int | None = None  # the layer whose input ``_kept`` holds
