@@ -348,3 +348,25 @@ def test_evaluate_says_how_to_continue_and_that_command_continues_the_run(defaul
     assert second.exit_code == 0, second.output
     assert f"Results in {tmp_path / 'MEMIT' / 'run_000'}" in second.output
     assert not (tmp_path / "MEMIT" / "run_001").exists()
+
+
+def test_a_hyperparameter_added_later_keys_an_edit_only_when_changed(default_model, default_hparams):
+    from memit.editing.base import EditOptions
+    from memit.editing.methods import get_editor_class
+    from memit.evaluation.edit_cache import edit_key
+    from memit.requests import parse_requests
+
+    model, _ = default_model
+    requests = parse_requests([{"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": {"str": "football"}}])
+    editor_cls = get_editor_class("MEMIT")
+
+    def key(hparams) -> str:
+        return edit_key(editor_cls(hparams, EditOptions()), model, requests, [])
+
+    # At its default the new setting leaves the key as it was before the setting existed.
+    class Before(type(default_hparams)):
+        def to_dict(self):
+            return {k: v for k, v in super().to_dict().items() if k != "keys_in_prompt_forms"}
+
+    assert key(default_hparams) == key(Before(**default_hparams.to_dict()))
+    assert key(dataclasses.replace(default_hparams, keys_in_prompt_forms=True)) != key(default_hparams)

@@ -26,6 +26,9 @@ from memit.utils.paths import child_path, path_component
 log = logging.getLogger(__name__)
 
 EDIT_CACHE = ".edit_cache"
+# Hyperparameters added after edits were first cached, with the value that leaves an edit as
+# it was: they enter the key only when changed, so a run cached earlier resumes without redoing.
+HPARAMS_ADDED = {"keys_in_prompt_forms": False}
 
 
 def batch_requests(batch: list[Case]) -> list[EditRequest]:
@@ -48,10 +51,14 @@ def edit_key(editor: Editor, model: PreTrainedModel, requests: list[EditRequest]
 
     options = {k: v for k, v in dataclasses.asdict(editor.options).items() if k not in ("stats_dir", "stats_batch_tokens")}
     payload = {
-        "alg": editor.name, "hparams": hparams_json(editor.hparams), "model": model_fingerprint(model), "dtype": str(model.dtype),
+        "alg": editor.name, "hparams": _keyed_hparams(editor), "model": model_fingerprint(model), "dtype": str(model.dtype),
         "options": options, "requests": [r.to_dict() for r in requests], "earlier": earlier,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _keyed_hparams(editor: Editor) -> dict:
+    return {k: v for k, v in hparams_json(editor.hparams).items() if k not in HPARAMS_ADDED or v != HPARAMS_ADDED[k]}
 
 
 def edit_or_reload(
