@@ -32,6 +32,9 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          # paper_scale.sh lifelong-bf16 with VARIANT=docs/evaluation/..._edited_targets_lambda3000.json OUT=results/lifelong_edited_l3000
          "lifelong, edited-model targets, corpus weight 3,000": "lifelong_edited_l3000/teacher_forced",
          "lifelong, edited-model targets, corpus weight 3,000, generated answers": "lifelong_edited_l3000/answers",
+         # the same with VARIANT=docs/evaluation/MEMIT_SmolLM2-135M-Instruct_sequential_rewrite_lapsed.json OUT=results/lapsed
+         "lifelong, lapsed edits written again": "lapsed/teacher_forced",
+         "lifelong, lapsed edits written again, generated answers": "lapsed/answers",
          # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=10 OUT=results/lifelong_10k
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored": "lifelong_10k/teacher_forced",
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers",

@@ -1,6 +1,6 @@
 """Lifelong editing on the real default model: MEMIT preserving earlier edits' keys, an edit
 chain saved, continued in a new process and reverted bit for bit, the early stop at top-1,
-target vectors from the unedited model, and the new hyperparameters' validation."""
+target vectors from the unedited model, lapsed edits written again, and the new hyperparameters' validation."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +16,10 @@ import torch
 
 from memit import EditChain, MEMITHyperParams, WeightDeltas, edit_model
 from memit.editing.hparams import HyperParamsError
+from memit.editing.lapsed import lapsed_requests, standing_requests
 from memit.errors import InputError
 from memit.predict import score_continuations
+from memit.requests import parse_requests
 
 from .conftest import random_llama
 
@@ -246,6 +248,8 @@ def test_an_edit_without_keys_cannot_be_preserved(default_model, counterfact_rec
     ("z_early_stop", "top1", "'z_early_stop' must be one of"),
     ("targets_from_unedited", "yes", "'targets_from_unedited' must be bool"),
     ("norm_anchor", 1, "'norm_anchor' must be bool"),
+    ("rewrite_lapsed", -1, "'rewrite_lapsed' must be non-negative"),
+    ("rewrite_lapsed", 1.5, "'rewrite_lapsed' must be int"),
 ])
 def test_sequential_hyperparameters_are_validated(seq_hparams, field, value, message):
     with pytest.raises(HyperParamsError, match=message):
@@ -262,3 +266,41 @@ def test_norm_anchoring_scales_targets_to_the_unedited_norm(default_model, count
         assert bool((_margins(model, tok, requests) > 0).all())
     finally:
         deltas.revert(model)
+
+
+def _target_nll(model, tok, requests) -> list[float]:
+    return [s.mean_nll for s in score_continuations(model, tok, [r.filled_prompt() for r in requests], [r.target_new for r in requests])]
+
+
+def test_lapsed_edits_are_written_again(default_model, counterfact_records, seq_hparams):
+    """Edits of the first batch that greedy decoding does not give after their prompt are
+    written again with the second batch, which brings them closer than the same second batch
+    without them; the batch's own edits are recorded apart from them."""
+    model, tok = default_model
+    first, second = _requests(counterfact_records, FIRST), _requests(counterfact_records, SECOND)
+    chain = EditChain.start(model, tok, "MEMIT", seq_hparams)
+    try:
+        chain.edit(first)
+        lapsed = lapsed_requests(model, tok, parse_requests(first), limit=len(first))
+        assert lapsed, "the first batch should leave an edit that greedy decoding misses"
+        chain.editor.hparams = dataclasses.replace(seq_hparams, rewrite_lapsed=len(first))
+        batch = chain.edit(second)
+        assert batch.manifest["rewritten"] == [r.to_dict() for r in lapsed]
+        assert batch.manifest["requests"] == [r.to_dict() for r in parse_requests(second)]
+        rewritten_nll = _target_nll(model, tok, lapsed)
+        chain.revert(1)
+        chain.editor.hparams = seq_hparams
+        chain.edit(second)
+        assert sum(rewritten_nll) < sum(_target_nll(model, tok, lapsed)) - 0.5
+    finally:
+        chain.revert()
+
+
+def test_only_standing_earlier_edits_can_lapse(counterfact_records):
+    """An earlier edit replaced by a later one of the same subject and prompt, or asked for
+    again in the current batch, is not written again."""
+    a, b, c = (r["requested_rewrite"] for r in counterfact_records[:3])
+    replaced = {**a, "target_new": {"str": "Antarctica"}}
+    earlier = [WeightDeltas({}, {"requests": [a, b]}), WeightDeltas({}, {"requests": [replaced]})]
+    assert standing_requests(earlier, parse_requests([c])) == parse_requests([b, replaced])
+    assert standing_requests(earlier, parse_requests([b])) == parse_requests([replaced])

@@ -57,6 +57,8 @@ class EditChain:
         self.unedited_fingerprint = unedited_fingerprint or weights_fingerprint(model)
         self._base: dict[str, torch.Tensor] = {}
         self._gram: dict[int, torch.Tensor] = {}
+        # Every batch's requests (their dictionary form), oldest first.
+        self._requests: list[dict[str, Any]] = []
         # Batch folder names in a saved chain; the deltas themselves in an unsaved one.
         self._batches: list[str | WeightDeltas] = []
 
@@ -124,7 +126,7 @@ class EditChain:
     def edit(self, requests: Iterable[Mapping[str, Any] | EditRequest]) -> WeightDeltas:
         """Edit ``requests`` into the model on top of every batch so far, and append them as a
         batch (saved at once in a saved chain). Returns the new batch's deltas."""
-        earlier = [WeightDeltas({}, {"algorithm": f"{self.algorithm} chain"}, self._preserved_state())] if self._gram else []
+        earlier = [self._as_earlier()] if self._batches else []
         deltas = self.editor.edit(self.model, self.tok, requests, earlier, unedited=self._base)
         self._take(deltas)
         if self.directory is None:
@@ -174,7 +176,7 @@ class EditChain:
         with torch.no_grad():
             for name, weight in self._base.items():
                 self.model.get_parameter(name).copy_(weight)
-        self._gram, self._batches = {}, []
+        self._gram, self._batches, self._requests = {}, [], []
 
     def _deltas(self, entry: str | WeightDeltas) -> WeightDeltas:
         return WeightDeltas.load(self.directory / entry) if isinstance(entry, str) else entry
@@ -184,13 +186,17 @@ class EditChain:
         for name, original in deltas.original_weights().items():
             self._base.setdefault(name, original)
         deltas.release()
+        self._requests.extend(deltas.manifest.get("requests") or [])
         for layer in getattr(self.editor.hparams, "layers", []):
             gram = edit_gram(deltas, layer)
             if gram is not None:
                 self._gram[layer] = gram if layer not in self._gram else self._gram[layer] + gram
 
-    def _preserved_state(self) -> dict[str, torch.Tensor]:
-        return {gram_name(layer): gram for layer, gram in self._gram.items()}
+    def _as_earlier(self) -> WeightDeltas:
+        """The batches so far as the one earlier edit a new batch is made on top of: their
+        requests and the running Gram of their keys."""
+        state = {gram_name(layer): gram for layer, gram in self._gram.items()}
+        return WeightDeltas({}, {"algorithm": f"{self.algorithm} chain", "requests": self._requests}, state)
 
     def _save_manifest(self) -> None:
         if self.directory is None:

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
 from memit.editing.hparams import HyperParams, HyperParamsError
+from memit.editing.lapsed import lapsed_requests, standing_requests
 from memit.errors import InputError
 from memit.models.layout import ModelLayout
 from memit.models.loading import model_fingerprint
@@ -54,6 +55,8 @@ class EditTask:
     layout: ModelLayout
     requests: list[EditRequest]
     earlier: Sequence[WeightDeltas] = ()
+    # How many of the last requests are earlier edits written again (``rewrite_lapsed``).
+    rewritten: int = 0
     # The weights the earlier edits changed, as they were before them; None: read from
     # ``earlier`` (memit.editing.preserved.unedited_weights) when a method needs them.
     unedited: Mapping[str, torch.Tensor] | None = None
@@ -97,6 +100,15 @@ class Editor(ABC):
         in `WeightDeltas.state`); none by default."""
         return {}
 
+    def lapsed(
+        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, earlier: Sequence[WeightDeltas], requests: list[EditRequest]
+    ) -> list[EditRequest]:
+        """The earlier edits to write again beside ``requests`` (hyperparameter ``rewrite_lapsed``)."""
+        limit = getattr(self.hparams, "rewrite_lapsed", 0)
+        if not limit or not earlier:
+            return []
+        return lapsed_requests(model, tok, standing_requests(earlier, requests), limit)
+
     def corpus(self, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> Corpus:
         """The key-statistics corpus, resolved once per editor: the options' corpus, else the
         preset's ``mom2_dataset`` (methods without one use the packaged sample)."""
@@ -139,13 +151,15 @@ class Editor(ABC):
         warn_merged_subjects(requests, check_tokenization(requests, tok))
         layout = self.layout(model)
         torch.manual_seed(self.options.seed)
-        task = EditTask(model, tok, layout, requests, earlier, unedited)
+        rewritten = self.lapsed(model, tok, earlier, requests)
+        task = EditTask(model, tok, layout, requests + rewritten, earlier, len(rewritten), unedited)
         with task.timed("edit"):
             deltas = self.compute_deltas(task)
         manifest = {
             "algorithm": self.name,
             "hparams": self.hparams.to_dict(),
             "requests": [r.to_dict() for r in requests],
+            **({"rewritten": [r.to_dict() for r in rewritten]} if rewritten else {}),
             "model_fingerprint": model_fingerprint(model),
             "model_name": getattr(model.config, "_name_or_path", ""),
             **({"fit": task.fit} if task.fit else {}),

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 EDIT_CACHE = ".edit_cache"
 # Hyperparameters added after edits were first cached, with the value that leaves an edit as
 # it was: they enter the key only when changed, so a run cached earlier resumes without redoing.
-HPARAMS_ADDED = {"keys_in_prompt_forms": False}
+HPARAMS_ADDED = {"keys_in_prompt_forms": False, "rewrite_lapsed": 0}
 
 
 def batch_requests(batch: list[Case]) -> list[EditRequest]:

@@ -18,10 +18,14 @@ class MEMITHyperParams(SequentialParams, CovarianceParams, ZOptimizationParams):
     preserve_weight: float = 0.0
     # λₙ: a penalty on the update's norm (ENCORE, arXiv 2502.01636).
     norm_constraint: float = 0.0
+    # Up to this many earlier edits that no longer hold (greedy decoding after their prompt
+    # does not give their new target: memit.editing.lapsed) written again with each batch,
+    # the narrowest misses first, their keys taken out of the preserved term; 0: only the batch.
+    rewrite_lapsed: int = 0
 
     def validate(self) -> None:
         """Raises ``HyperParamsError`` naming the hyperparameter whose value is out of range."""
         super().validate()
-        for name in ("mom2_update_weight", "preserve_weight", "norm_constraint"):
+        for name in ("mom2_update_weight", "preserve_weight", "norm_constraint", "rewrite_lapsed"):
             if getattr(self, name) < 0:
                 raise HyperParamsError(f"hyperparameter '{name}' must be non-negative, got {getattr(self, name)}")

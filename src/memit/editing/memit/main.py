@@ -53,9 +53,13 @@ class MEMITEditor(Editor):
             log.info("MEMIT: preserving the keys of %d earlier edit(s) with weight %g", len(task.earlier), hp.preserve_weight)
 
         def solve(_: int, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            kept = preserved.get(layer)
+            if kept is not None and task.rewritten:
+                # An earlier edit written again is no longer held at its old output.
+                again = keys[-task.rewritten:].double().to(kept.device)
+                kept = kept - again.T @ again
             return solve_update(
-                keys, residual, moments[layer], hp.mom2_update_weight,
-                preserved.get(layer), hp.preserve_weight, hp.norm_constraint,
+                keys, residual, moments[layer], hp.mom2_update_weight, kept, hp.preserve_weight, hp.norm_constraint,
             )
 
         return solve
