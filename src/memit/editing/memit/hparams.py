@@ -20,7 +20,8 @@ class MEMITHyperParams(SequentialParams, CovarianceParams, ZOptimizationParams):
     norm_constraint: float = 0.0
     # Up to this many earlier edits that no longer hold (greedy decoding after their prompt
     # does not give their new target: memit.editing.lapsed) written again with each batch,
-    # the narrowest misses first, their keys taken out of the preserved term; 0: only the batch.
+    # the narrowest misses first, their keys taken out of the preserved term for that solve and
+    # kept again with the batch (an edit written again weighs more in later solves); 0: only the batch.
     rewrite_lapsed: int = 0
 
     def validate(self) -> None:
