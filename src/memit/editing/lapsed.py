@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from memit.deltas import WeightDeltas
 from memit.predict import score_continuations
-from memit.requests import EditRequest, parse_requests
+from memit.requests import EditRequest, conflict_key, parse_requests
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,10 @@ def standing_requests(earlier: Sequence[WeightDeltas], current: Sequence[EditReq
     latest: dict[tuple[str, str], EditRequest] = {}
     for edit in earlier:
         for request in parse_requests(edit.manifest.get("requests") or []):
-            key = (request.prompt, request.subject)
-            latest.pop(key, None)
-            latest[key] = request
+            latest.pop(conflict_key(request), None)  # a replaced edit moves to its replacement's place
+            latest[conflict_key(request)] = request
     for request in current:
-        latest.pop((request.prompt, request.subject), None)
+        latest.pop(conflict_key(request), None)
     return list(latest.values())
 
 
@@ -41,7 +40,7 @@ def lapsed_requests(
 ) -> list[EditRequest]:
     """At most ``limit`` of ``requests`` whose new target greedy decoding no longer gives after
     their prompt, the narrowest misses (lowest mean NLL of the target) first."""
-    if limit <= 0 or not requests:
+    if not requests:
         return []
     scores = score_continuations(model, tok, [r.filled_prompt() for r in requests], [r.target_new for r in requests], batch_size)
     missed = [(score.mean_nll, i) for i, score in enumerate(scores) if not all(score.argmax_matches)]
