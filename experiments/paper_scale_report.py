@@ -35,11 +35,16 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          # the same with VARIANT=docs/evaluation/MEMIT_SmolLM2-135M-Instruct_sequential_rewrite_lapsed.json OUT=results/lapsed
          "lifelong, lapsed edits written again": "lapsed/teacher_forced",
          "lifelong, lapsed edits written again, generated answers": "lapsed/answers",
+         # the same with VARIANT=docs/evaluation/MEMIT_SmolLM2-135M-Instruct_sequential_edited_targets_loss_stop.json OUT=results/lifelong_edited_loss
+         "lifelong, edited-model targets, loss-based stop": "lifelong_edited_loss/teacher_forced",
+         "lifelong, edited-model targets, loss-based stop, generated answers": "lifelong_edited_loss/answers",
          # paper_scale.sh lifelong-bf16 with EDITS=10000 SCORE_INTERVAL=10 OUT=results/lifelong_10k
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored": "lifelong_10k/teacher_forced",
          "lifelong, MEMIT's sequential preset, 10,000 edits, every 10th scored, generated answers": "lifelong_10k/answers",
          # the same with VARIANT=docs/evaluation/MEMIT_SmolLM2-135M-Instruct_sequential_layers2-8.json OUT=results/lifelong_10k_layers2-8
          "lifelong, seven edit layers, 10,000 edits, every 10th scored": "lifelong_10k_layers2-8/teacher_forced",
+         # the same with VARIANT=docs/evaluation/MEMIT_SmolLM2-135M-Instruct_sequential_preserve0.5.json OUT=results/lifelong_10k_preserve0.5
+         "lifelong, preserved keys at weight 0.5, 10,000 edits, every 10th scored": "lifelong_10k_preserve0.5/teacher_forced",
          # paper_scale.sh lifelong-bf16 with MODEL=qwen2.5-coder-0.5b-instruct SCORE_INTERVAL=4 and
          # VARIANT=qwen2.5-coder-0.5b-instruct-sequential OUT=results/qwen_lifelong, or
          # VARIANT=qwen2.5-coder-0.5b-instruct OUT=results/qwen_lifelong_memit (the paper's MEMIT)
@@ -48,9 +53,10 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored": "qwen_lifelong_memit/teacher_forced",
          "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored, generated answers": "qwen_lifelong_memit/answers"}
 # Figures with a line per chain of one method: file name -> (title, line label -> PARTS folder)
-COMPARISONS = {"memit_sequential_10k_layers": ("SmolLM2-135M-Instruct, counterfact-edit.json, 10,000 edits in batches of 100",
+COMPARISONS = {"memit_sequential_10k_variants": ("SmolLM2-135M-Instruct, counterfact-edit.json, 10,000 edits in batches of 100",
                                               {"layers 4-8 (sequential preset)": "lifelong_10k/teacher_forced",
-                                               "layers 2-8": "lifelong_10k_layers2-8/teacher_forced"}),
+                                               "layers 2-8": "lifelong_10k_layers2-8/teacher_forced",
+                                               "preserved keys at weight 0.5": "lifelong_10k_preserve0.5/teacher_forced"}),
                "qwen_sequential": ("qwen2.5-coder-0.5b-instruct, counterfact-edit.json, 2,000 edits in batches of 100",
                                    {"sequential preset": "qwen_lifelong/teacher_forced", "the paper's MEMIT": "qwen_lifelong_memit/teacher_forced"})}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
