@@ -54,9 +54,9 @@ PARTS = {"scaling": "paper_scaling", "sequential": "paper_sequential", "sequenti
          "lifelong, Qwen2.5-Coder-0.5B, the paper's MEMIT, every 4th scored, generated answers": "qwen_lifelong_memit/answers"}
 # Figures with a line per chain of one method: file name -> (title, line label -> PARTS folder)
 COMPARISONS = {"memit_sequential_10k_variants": ("SmolLM2-135M-Instruct, counterfact-edit.json, 10,000 edits in batches of 100",
-                                              {"layers 4-8 (sequential preset)": "lifelong_10k/teacher_forced",
-                                               "layers 2-8": "lifelong_10k_layers2-8/teacher_forced",
-                                               "preserved keys at weight 0.5": "lifelong_10k_preserve0.5/teacher_forced"}),
+                                                {"layers 4-8 (sequential preset)": "lifelong_10k/teacher_forced",
+                                                 "layers 2-8": "lifelong_10k_layers2-8/teacher_forced",
+                                                 "preserved keys at weight 0.5": "lifelong_10k_preserve0.5/teacher_forced"}),
                "qwen_sequential": ("qwen2.5-coder-0.5b-instruct, counterfact-edit.json, 2,000 edits in batches of 100",
                                    {"sequential preset": "qwen_lifelong/teacher_forced", "the paper's MEMIT": "qwen_lifelong_memit/teacher_forced"})}
 ABLATION = "ablation"  # paper_scale.sh's ablation part: a folder per variant of the sequential preset
