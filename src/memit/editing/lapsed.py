@@ -28,8 +28,9 @@ def standing_requests(earlier: Sequence[WeightDeltas], current: Sequence[EditReq
     latest: dict[tuple[str, str], EditRequest] = {}
     for edit in earlier:
         for request in parse_requests(edit.manifest.get("requests") or []):
-            latest.pop(conflict_key(request), None)  # a replaced edit moves to its replacement's place
-            latest[conflict_key(request)] = request
+            key = conflict_key(request)
+            latest.pop(key, None)  # a replaced edit moves to its replacement's place
+            latest[key] = request
     for request in current:
         latest.pop(conflict_key(request), None)
     return list(latest.values())
