@@ -209,8 +209,39 @@ def test_early_stop_at_top1_stops_when_the_target_is_most_probable(default_model
         return out + torch.zeros_like(out).index_put((rows, subject_pos), seq_delta.to(out.dtype))
 
     with torch.no_grad(), rewrite_output(layout.layer(model, layer), with_delta):
-        _, top1, _ = _plain_logprobs(model, problem.batch.model_inputs(model.device), problem, subject_pos)
-    assert bool(top1.all()), top1
+        _, margin, _ = _plain_logprobs(model, problem.batch.model_inputs(model.device), problem, subject_pos)
+    assert bool((margin >= 0).all()), margin
+
+
+def test_early_stop_with_a_margin_stops_once_the_target_leads_by_it(default_model, counterfact_records, seq_hparams):
+    from memit.editing.context import get_context_templates
+    from memit.editing.targets import _build_problem, _plain_logprobs, compute_targets
+    from memit.models import ModelLayout
+    from memit.requests import parse_requests
+    from memit.utils.hooks import rewrite_output
+
+    model, tok = default_model
+    layout = ModelLayout.from_model(model)
+    requests = parse_requests(_requests(counterfact_records, slice(40, 43)))
+    templates = get_context_templates(model, tok, seq_hparams.context_template_length_params)
+    layer = seq_hparams.layers[-1]
+    problem = _build_problem(tok, requests, templates)
+    subject_pos = problem.batch.subject_positions
+    rows = torch.arange(len(subject_pos))
+    margins = {}
+    for margin in (0.0, 2.0):
+        hparams = dataclasses.replace(seq_hparams, z_early_stop="most_probable", z_stop_margin=margin, v_num_grad_steps=25)
+        seq_delta = compute_targets(model, tok, layout, requests, hparams, templates, layer).delta[problem.seq_request]
+
+        def with_delta(out: torch.Tensor, seq_delta: torch.Tensor = seq_delta) -> torch.Tensor:
+            return out + torch.zeros_like(out).index_put((rows, subject_pos), seq_delta.to(out.dtype))
+
+        with torch.no_grad(), rewrite_output(layout.layer(model, layer), with_delta):
+            margins[margin] = _plain_logprobs(model, problem.batch.model_inputs(model.device), problem, subject_pos)[1]
+    # Every target position of every prompt leads by the margin asked for (up to the
+    # optimisation's shortcut's rounding); ENCORE's stop leaves some closer than that.
+    assert bool((margins[2.0] >= 2.0 - 1e-3).all()), margins[2.0]
+    assert bool((margins[0.0] < 2.0).any()), margins[0.0]
 
 
 def test_targets_from_the_unedited_model_reuse_its_cache(default_model, counterfact_records, seq_hparams, tmp_path):
@@ -246,6 +277,8 @@ def test_an_edit_without_keys_cannot_be_preserved(default_model, counterfact_rec
     ("preserve_weight", -1.0, "'preserve_weight' must be non-negative"),
     ("norm_constraint", -0.5, "'norm_constraint' must be non-negative"),
     ("z_early_stop", "top1", "'z_early_stop' must be one of"),
+    ("z_stop_margin", -0.1, "'z_stop_margin' must be non-negative"),
+    ("z_stop_margin", "1", "'z_stop_margin' must be float"),
     ("targets_from_unedited", "yes", "'targets_from_unedited' must be bool"),
     ("norm_anchor", 1, "'norm_anchor' must be bool"),
     ("rewrite_lapsed", -1, "'rewrite_lapsed' must be non-negative"),

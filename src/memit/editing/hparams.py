@@ -124,6 +124,10 @@ class ZOptimizationParams(HyperParams):
     # at every target position of every rewrite prompt (ENCORE, arXiv 2502.01636: overfits
     # less, and fewer steps).
     z_early_stop: str = "loss"
+    # With "most_probable": how far, in nats, the new target's log-probability must lead every
+    # other token's at each of those positions before the optimisation stops (0: ENCORE's stop;
+    # log 2, the target at least twice as probable as any other token).
+    z_stop_margin: float = 0.0
     # Generated context prefixes: for each [length, count], count prefixes of length tokens.
     context_template_length_params: list[list[int]] = dataclasses.field(default_factory=lambda: [[10, 5]])
     # The forms each target vector is optimised in, with a weight each: "raw", the rewrite
@@ -151,6 +155,10 @@ class ZOptimizationParams(HyperParams):
             raise HyperParamsError(f"hyperparameter 'fact_token': only 'subject_last' is supported, got {self.fact_token!r}")
         if self.z_early_stop not in Z_EARLY_STOPS:
             raise HyperParamsError(f"hyperparameter 'z_early_stop' must be one of {list(Z_EARLY_STOPS)}, got {self.z_early_stop!r}")
+        if self.z_stop_margin < 0:
+            raise HyperParamsError(f"hyperparameter 'z_stop_margin' must be non-negative, got {self.z_stop_margin}")
+        if self.z_stop_margin > 0 and self.z_early_stop != "most_probable":
+            raise HyperParamsError("hyperparameter 'z_stop_margin' applies to z_early_stop 'most_probable' only")
         self.check_positive("v_num_grad_steps", "v_lr", "clamp_norm_factor")
         unknown = sorted(set(self.z_prompt_forms) - set(Z_PROMPT_FORMS))
         if unknown:

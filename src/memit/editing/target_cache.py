@@ -28,7 +28,7 @@ from memit.utils.io import atomic_path, memit_home
 
 # The settings of the optimisation that change its result.
 Z_FIELDS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "fact_token")
-Z_FIELDS_ADDED = {"z_early_stop": "loss", "z_prompt_forms": {"raw": 1.0}}
+Z_FIELDS_ADDED = {"z_early_stop": "loss", "z_stop_margin": 0.0, "z_prompt_forms": {"raw": 1.0}}
 SAMPLES_PER_PARAMETER = 4096
 
 

@@ -319,14 +319,14 @@ def _optimise(
                 # Requests that met the early-stop loss leave the batch: their deltas are final.
                 if active_suffix is None or len(active_suffix.input_ids) != int(seq_active.sum()):
                     active_suffix = suffix.select(seq_active)
-                target_logp, target_top1, kl_logp = _fast_logprobs(
+                target_logp, target_margin, kl_logp = _fast_logprobs(
                     model, layout, layer, output_kind[0], active_suffix, delta[seq_request[seq_active]]
                 )
             else:
                 with rewrite_output(layout.layer(model, layer), edited_layer_output):
-                    target_logp, target_top1, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
+                    target_logp, target_margin, kl_logp = _plain_logprobs(model, inputs, problem, subject_pos)
                 on_targets = target_active.to(target_logp.device)
-                target_logp, target_top1 = target_logp[on_targets], target_top1[on_targets]
+                target_logp, target_margin = target_logp[on_targets], target_margin[on_targets]
                 kl_logp = kl_logp[active.to(kl_logp.device)]
             if init_kl_logprobs is None:
                 init_kl_logprobs = kl_logp.detach().clone()
@@ -336,7 +336,7 @@ def _optimise(
             losses[active] = active_losses.detach()
             done |= losses < EARLY_STOP_LOSS
             if hparams.z_early_stop == "most_probable":
-                done |= active & _target_most_probable(target_top1, problem.target_req.to(device)[target_active], n_requests)
+                done |= active & _target_most_probable(target_margin, problem.target_req.to(device)[target_active], n_requests, hparams.z_stop_margin)
             frozen[done] = delta.detach()[done]
             log.debug("step %d loss %s", step, losses.cpu().numpy().round(3))
             if bool(done.all()) or step == hparams.v_num_grad_steps - 1:
@@ -383,24 +383,31 @@ def _loss_per_request(
     return (nll + hparams.kl_factor * kl).to(delta.device) + weight_decay
 
 
-def _target_most_probable(target_top1: torch.Tensor, target_req: torch.Tensor, n_requests: int) -> torch.Tensor:
-    """Per request: whether the new target is the most probable token at each of its target
-    positions (``target_top1``, of the tokens ``target_req`` assigns to requests; a request
-    without any there counts as True)."""
+def _margin_over_others(log_probs: torch.Tensor, target_logp: torch.Tensor, target_tok: torch.Tensor) -> torch.Tensor:
+    """At each target position: the target token's log-probability minus the highest of any
+    other token's (non-negative where the target is the most probable token)."""
+    others = log_probs.scatter(1, target_tok.unsqueeze(1), float("-inf"))
+    return target_logp - others.max(-1).values
+
+
+def _target_most_probable(target_margin: torch.Tensor, target_req: torch.Tensor, n_requests: int, margin: float) -> torch.Tensor:
+    """Per request: whether the new target leads every other token by at least ``margin``
+    nats at each of its target positions (``target_margin``, of the tokens ``target_req``
+    assigns to requests; a request without any there counts as True)."""
     device = target_req.device
-    misses = torch.zeros(n_requests, device=device).index_add(0, target_req, (~target_top1.to(device)).float())
-    return misses == 0
+    short = (target_margin.to(device) < margin).float()
+    return torch.zeros(n_requests, device=device).index_add(0, target_req, short) == 0
 
 
 def _plain_logprobs(model: PreTrainedModel, inputs: dict, problem: _Problem, subject_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the target tokens, whether each is the most probable token there,
-    and the KL prompts' distributions."""
+    """Log-probabilities of the target tokens, each one's margin over the most probable other
+    token there, and the KL prompts' distributions."""
     log_probs = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
     device = log_probs.device
     at_targets = log_probs[problem.target_seq.to(device), problem.target_pos.to(device)]
     target_logp = at_targets.gather(1, problem.target_tok.to(device).unsqueeze(1)).squeeze(1)
     kl_seq = problem.kl_seq.to(device)
-    return target_logp, target_logp >= at_targets.max(-1).values, log_probs[kl_seq, subject_pos[kl_seq]]
+    return target_logp, _margin_over_others(at_targets, target_logp, problem.target_tok.to(device)), log_probs[kl_seq, subject_pos[kl_seq]]
 
 
 @dataclass
@@ -520,7 +527,8 @@ def _fast_logprobs(
     log_probs = torch.log_softmax(logits, dim=-1)
     n_targets = len(suffix.target_seq)
     target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.to(log_probs.device).unsqueeze(1)).squeeze(1)
-    return target_logp, target_logp >= log_probs[:n_targets].max(-1).values, log_probs[n_targets:]
+    target_tok = suffix.target_tok.to(log_probs.device)
+    return target_logp, _margin_over_others(log_probs[:n_targets], target_logp, target_tok), log_probs[n_targets:]
 
 
 @contextlib.contextmanager
