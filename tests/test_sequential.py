@@ -289,6 +289,11 @@ def test_sequential_hyperparameters_are_validated(seq_hparams, field, value, mes
         MEMITHyperParams.from_dict({**seq_hparams.to_dict(), field: value})
 
 
+def test_a_stop_margin_needs_the_most_probable_stop(seq_hparams):
+    with pytest.raises(HyperParamsError, match="'z_stop_margin' applies to z_early_stop 'most_probable' only"):
+        MEMITHyperParams.from_dict({**seq_hparams.to_dict(), "z_early_stop": "loss", "z_stop_margin": 1.0})
+
+
 def test_norm_anchoring_scales_targets_to_the_unedited_norm(default_model, counterfact_records, seq_hparams):
     """With norm anchoring the edit still takes, and its target change is written at the
     unedited output's norm (the last layer's update writes z with ‖z‖ = ‖h‖)."""

@@ -526,8 +526,8 @@ def _fast_logprobs(
     logits = model.get_output_embeddings()(hidden[seqs, cols]).float()
     log_probs = torch.log_softmax(logits, dim=-1)
     n_targets = len(suffix.target_seq)
-    target_logp = log_probs[:n_targets].gather(1, suffix.target_tok.to(log_probs.device).unsqueeze(1)).squeeze(1)
     target_tok = suffix.target_tok.to(log_probs.device)
+    target_logp = log_probs[:n_targets].gather(1, target_tok.unsqueeze(1)).squeeze(1)
     return target_logp, _margin_over_others(log_probs[:n_targets], target_logp, target_tok), log_probs[n_targets:]
 
 
