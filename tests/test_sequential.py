@@ -179,65 +179,61 @@ def test_chain_refuses_another_model_and_the_cli_appends(default_model, counterf
         edited.revert(model)
 
 
-def test_early_stop_at_top1_stops_when_the_target_is_most_probable(default_model, counterfact_records, seq_hparams):
-    from memit.editing.context import get_context_templates
-    from memit.editing.targets import _build_problem, _plain_logprobs, compute_targets
-    from memit.models import ModelLayout
-    from memit.requests import parse_requests
-    from memit.utils.hooks import rewrite_output
+class _StopCase:
+    """Three requests' target vectors at the last edit layer, and their margins through the whole model."""
 
-    model, tok = default_model
-    layout = ModelLayout.from_model(model)
-    requests = parse_requests(_requests(counterfact_records, slice(40, 43)))
-    templates = get_context_templates(model, tok, seq_hparams.context_template_length_params)
-    layer = seq_hparams.layers[-1]
-    by_stop = {
-        stop: compute_targets(model, tok, layout, requests, dataclasses.replace(seq_hparams, z_early_stop=stop, v_num_grad_steps=25), templates, layer)
-        for stop in ("loss", "most_probable")
-    }
+    def __init__(self, default_model, counterfact_records, seq_hparams):
+        from memit.editing.context import get_context_templates
+        from memit.editing.targets import _build_problem
+        from memit.models import ModelLayout
+        from memit.requests import parse_requests
+
+        self.model, self.tok = default_model
+        self.hparams = seq_hparams
+        self.layout = ModelLayout.from_model(self.model)
+        self.requests = parse_requests(_requests(counterfact_records, slice(40, 43)))
+        self.templates = get_context_templates(self.model, self.tok, seq_hparams.context_template_length_params)
+        self.layer = seq_hparams.layers[-1]
+        self.problem = _build_problem(self.tok, self.requests, self.templates)
+
+    def targets(self, **changes):
+        from memit.editing.targets import compute_targets
+
+        hparams = dataclasses.replace(self.hparams, v_num_grad_steps=25, **changes)
+        return compute_targets(self.model, self.tok, self.layout, self.requests, hparams, self.templates, self.layer)
+
+    def margins(self, delta: torch.Tensor) -> torch.Tensor:
+        """Each target token's lead over every other token with ``delta`` added at the subject,
+        run through the whole model (not the optimisation's shortcut)."""
+        from memit.editing.targets import _plain_logprobs
+        from memit.utils.hooks import rewrite_output
+
+        subject_pos = self.problem.batch.subject_positions
+        rows = torch.arange(len(subject_pos))
+        seq_delta = delta[self.problem.seq_request]
+
+        def with_delta(out: torch.Tensor) -> torch.Tensor:
+            return out + torch.zeros_like(out).index_put((rows, subject_pos), seq_delta.to(out.dtype))
+
+        with torch.no_grad(), rewrite_output(self.layout.layer(self.model, self.layer), with_delta):
+            return _plain_logprobs(self.model, self.problem.batch.model_inputs(self.model.device), self.problem, subject_pos)[1]
+
+
+def test_early_stop_at_top1_stops_when_the_target_is_most_probable(default_model, counterfact_records, seq_hparams):
+    case = _StopCase(default_model, counterfact_records, seq_hparams)
+    by_stop = {stop: case.targets(z_early_stop=stop) for stop in ("loss", "most_probable")}
     # Stopped before the loss criterion: smaller changes, higher final losses.
     assert bool((by_stop["most_probable"].delta.norm(dim=-1) < by_stop["loss"].delta.norm(dim=-1)).all())
     assert bool((by_stop["most_probable"].final_loss > by_stop["loss"].final_loss).all())
-    # Yet with its delta (run through the whole model, not the optimisation's shortcut) the
-    # new target is the most probable token at every target position of every prompt.
-    problem = _build_problem(tok, requests, templates)
-    subject_pos = problem.batch.subject_positions
-    rows = torch.arange(len(subject_pos))
-    seq_delta = by_stop["most_probable"].delta[problem.seq_request]
-
-    def with_delta(out: torch.Tensor) -> torch.Tensor:
-        return out + torch.zeros_like(out).index_put((rows, subject_pos), seq_delta.to(out.dtype))
-
-    with torch.no_grad(), rewrite_output(layout.layer(model, layer), with_delta):
-        _, margin, _ = _plain_logprobs(model, problem.batch.model_inputs(model.device), problem, subject_pos)
+    # Yet with its delta the new target is the most probable token at every target position
+    # of every prompt.
+    margin = case.margins(by_stop["most_probable"].delta)
     assert bool((margin >= 0).all()), margin
 
 
 def test_early_stop_with_a_margin_stops_once_the_target_leads_by_it(default_model, counterfact_records, seq_hparams):
-    from memit.editing.context import get_context_templates
-    from memit.editing.targets import _build_problem, _plain_logprobs, compute_targets
-    from memit.models import ModelLayout
-    from memit.requests import parse_requests
-    from memit.utils.hooks import rewrite_output
-
-    model, tok = default_model
-    layout = ModelLayout.from_model(model)
-    requests = parse_requests(_requests(counterfact_records, slice(40, 43)))
-    templates = get_context_templates(model, tok, seq_hparams.context_template_length_params)
-    layer = seq_hparams.layers[-1]
-    problem = _build_problem(tok, requests, templates)
-    subject_pos = problem.batch.subject_positions
-    rows = torch.arange(len(subject_pos))
-    margins = {}
-    for margin in (0.0, 2.0):
-        hparams = dataclasses.replace(seq_hparams, z_early_stop="most_probable", z_stop_margin=margin, v_num_grad_steps=25)
-        seq_delta = compute_targets(model, tok, layout, requests, hparams, templates, layer).delta[problem.seq_request]
-
-        def with_delta(out: torch.Tensor, seq_delta: torch.Tensor = seq_delta) -> torch.Tensor:
-            return out + torch.zeros_like(out).index_put((rows, subject_pos), seq_delta.to(out.dtype))
-
-        with torch.no_grad(), rewrite_output(layout.layer(model, layer), with_delta):
-            margins[margin] = _plain_logprobs(model, problem.batch.model_inputs(model.device), problem, subject_pos)[1]
+    case = _StopCase(default_model, counterfact_records, seq_hparams)
+    margins = {margin: case.margins(case.targets(z_early_stop="most_probable", z_stop_margin=margin).delta) for margin in (0.0, 2.0)}
     # Every target position of every prompt leads by the margin asked for (up to the
     # optimisation's shortcut's rounding); ENCORE's stop leaves some closer than that.
     assert bool((margins[2.0] >= 2.0 - 1e-3).all()), margins[2.0]
