@@ -29,11 +29,13 @@ import torch
 
 from edit_speed import success_rates  # the paper's success rates, as `memit evaluate` computes them
 from memit import EditChain, load_model
+from memit.editing.base import EditOptions
+from memit.editing.common import second_moments
 from memit.editing.hparams import preset_name_for
 from memit.editing.methods import resolve_hparams
 from memit.evaluation.datasets import CounterFactCase, load_cases
 from memit.models import ModelLayout
-from memit.stats import SecondMomentCache, resolve_corpus
+from memit.stats import resolve_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -57,8 +59,7 @@ def success_percent(model, tok, cases: list[CounterFactCase]) -> dict[str, float
 def warm_statistics(model, tok, hparams) -> None:
     """Compute (or load) the key statistics before any chain, so that no chain's time has them."""
     corpus = resolve_corpus(None, hparams.mom2_dataset, model, tok)
-    SecondMomentCache().ensure(model, tok, ModelLayout.from_model(model), hparams.layers, corpus, [hparams.mom2_n_samples],
-                               hparams.mom2_max_tokens, hparams.mom2_dtype)
+    second_moments(model, tok, ModelLayout.from_model(model), hparams, hparams.layers, corpus, EditOptions())
 
 
 def run_chain(model, tok, hparams, cases: list[CounterFactCase], batch: int) -> dict[str, Any]:
